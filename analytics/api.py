@@ -1,0 +1,33 @@
+"""The blueprint of the JSON API: ingestion and the health check."""
+
+from flask import Blueprint, current_app, g, request
+
+from analytics.body import read_json
+from analytics.ingest import load_batch
+
+bp = Blueprint("api", __name__)
+
+
+@bp.post("/api/analytics")
+def ingest() -> dict:
+    """Accept a batch: log its valid events, report the invalid ones."""
+    ingestor = current_app.extensions["analytics"]
+    events, batch_timestamp = load_batch(read_json(request, current_app.config["MAX_BODY_BYTES"]))
+    accepted, rejected = ingestor.check(events)
+    ingestor.write(
+        accepted,
+        batch_timestamp=batch_timestamp,
+        received_at=g.received_at,
+        request_id=g.request_id,
+        client_ip=g.client_ip,
+    )
+    body = {"success": True, "received": len(accepted)}
+    if rejected:
+        body["rejected"] = rejected
+    return body
+
+
+@bp.get("/healthz")
+def healthz() -> dict:
+    """Liveness for load balancers and platforms."""
+    return {"status": "ok"}

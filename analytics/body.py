@@ -1,0 +1,78 @@
+"""Reading the request body: bounded on the wire, gunzipped, bounded again, parsed as JSON."""
+
+import codecs
+import zlib
+from typing import IO, Any
+
+import orjson
+from flask import Request
+
+from analytics.errors import ApiError
+
+CHUNK_BYTES = 64 * 1024
+# After a 413 this much more of the body is read and thrown away, so that the
+# client, still sending, reads our answer instead of a reset connection.
+DRAIN_BYTES = 16 * 1024 * 1024
+# gzip's own header framing; 16 + MAX_WBITS tells zlib to expect it.
+GZIP_WBITS = 16 + zlib.MAX_WBITS
+
+
+def too_large(limit: int) -> ApiError:
+    """The 413 for a body over ``limit`` bytes."""
+    return ApiError(413, "Payload too large", limit_bytes=limit)
+
+
+def _drain(stream: IO[bytes]) -> None:
+    """Read and discard what is left of the body, up to DRAIN_BYTES."""
+    left = DRAIN_BYTES
+    while left > 0 and (chunk := stream.read(min(CHUNK_BYTES, left))):
+        left -= len(chunk)
+
+
+def _read_bounded(stream: IO[bytes], limit: int) -> bytes:
+    """The whole body, or a 413 as soon as it passes ``limit``: never more is kept."""
+    chunks = []
+    size = 0
+    while chunk := stream.read(min(CHUNK_BYTES, limit + 1 - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            _drain(stream)
+            raise too_large(limit)
+    return b"".join(chunks)
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    """Decompress a gzip body, stopping with a 413 once the output passes ``limit``."""
+    inflater = zlib.decompressobj(GZIP_WBITS)
+    try:
+        # max_length caps the output, so a bomb never inflates past the limit.
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as error:
+        raise ApiError(400, "Invalid JSON") from error
+    if len(out) > limit:
+        raise too_large(limit)
+    if not inflater.eof or inflater.unused_data:
+        # Truncated stream, or bytes after its end.
+        raise ApiError(400, "Invalid JSON")
+    return out
+
+
+def read_json(request: Request, limit: int) -> Any:
+    """Parse the body as JSON whatever the Content-Type says; raise ApiError if that cannot be done."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", "x-gzip", ""):
+        raise ApiError(415, "Unsupported Content-Encoding", supported=["gzip", "identity"])
+    stream = request.stream
+    if request.content_length is not None and request.content_length > limit:
+        _drain(stream)
+        raise too_large(limit)
+    body = _read_bounded(stream, limit)
+    if encoding != "identity" and encoding != "":
+        body = _gunzip(body, limit)
+    # RFC 8259 lets a parser ignore a byte order mark; orjson refuses one.
+    body = body.removeprefix(codecs.BOM_UTF8)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise ApiError(400, "Invalid JSON") from error

@@ -1,0 +1,51 @@
+"""Every error response, built in one place so that all share one JSON shape."""
+
+from typing import Any
+
+import structlog
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+log = structlog.get_logger()
+
+
+class ApiError(Exception):
+    """A request the service answers with an error: raised anywhere, rendered by one handler."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+
+def error_response(status: int, message: str, **extra: Any) -> Response:
+    """The JSON body ``{"error": message, **extra}`` with the given status."""
+    response = jsonify(error=message, **extra)
+    response.status_code = status
+    return response
+
+
+def _handle_api_error(error: ApiError) -> Response:
+    return error_response(error.status, error.message, **error.extra)
+
+
+def _handle_http_exception(error: HTTPException) -> Response:
+    """Werkzeug's errors (404, 405, ...) as JSON, keeping their headers such as Allow."""
+    response = error.get_response()
+    body = error_response(error.code or 500, (error.name or "Error").capitalize())
+    response.data = body.data
+    response.content_type = body.content_type
+    return response
+
+
+def _handle_unexpected(error: Exception) -> Response:
+    log.exception("unhandled_exception")
+    return error_response(500, "Internal server error")
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Register the handlers on the app, where they also see routing's 404 and 405."""
+    app.register_error_handler(ApiError, _handle_api_error)
+    app.register_error_handler(HTTPException, _handle_http_exception)
+    app.register_error_handler(Exception, _handle_unexpected)

@@ -1,0 +1,47 @@
+"""Who sent a request: the client's address and the request id, believing only trusted proxies."""
+
+import ipaddress
+import re
+import uuid
+from collections.abc import Iterable
+from functools import lru_cache
+
+from flask import Request
+
+# A proxy's X-Request-ID is taken only if it looks like an id, not like an attack on log readers.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+class Peers:
+    """Decides, from TRUSTED_PROXIES, which forwarded headers to believe."""
+
+    def __init__(self, trusted: Iterable[str]) -> None:
+        self._networks = tuple(ipaddress.ip_network(entry, strict=False) for entry in trusted)
+        self.is_trusted = lru_cache(maxsize=1024)(self._is_trusted)
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.strip())
+        except ValueError:
+            return False
+        return any(ip in network for network in self._networks)
+
+    def client_address(self, request: Request) -> str | None:
+        """The nearest address in X-Forwarded-For that is not a trusted proxy of ours."""
+        address = request.remote_addr
+        forwarded = request.headers.get("X-Forwarded-For")
+        if not forwarded or not address or not self.is_trusted(address):
+            return address
+        for hop in reversed(forwarded.split(",")):
+            address = hop.strip()
+            if not self.is_trusted(address):
+                break
+        return address
+
+    def request_id(self, request: Request) -> str:
+        """The trusted proxy's X-Request-ID where it sent a sane one, else a new id."""
+        incoming = request.headers.get("X-Request-ID")
+        if incoming and request.remote_addr and self.is_trusted(request.remote_addr):
+            if _REQUEST_ID.fullmatch(incoming):
+                return incoming
+        return uuid.uuid4().hex

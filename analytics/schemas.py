@@ -1,0 +1,82 @@
+"""The marshmallow schemas: the one definition of a valid batch and a valid event."""
+
+from typing import Any
+
+import orjson
+from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate, validates_schema
+
+from analytics.timestamps import parse_timestamp
+
+
+class Timestamp(fields.Field):
+    """ISO 8601 string or Unix time number, loaded as an aware UTC datetime."""
+
+    default_error_messages = {
+        "invalid": "Not a valid timestamp: use an ISO 8601 string or Unix time in seconds or milliseconds."
+    }
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        try:
+            return parse_timestamp(value)
+        except ValueError as error:
+            raise self.make_error("invalid") from error
+
+
+class JsonArray(fields.Field):
+    """A JSON array taken as it is: each element is checked on its own by EventSchema."""
+
+    default_error_messages = {"invalid": "Not a valid array."}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list:
+        if not isinstance(value, list):
+            raise self.make_error("invalid")
+        return value
+
+
+def size_error(event: Any, max_bytes: int) -> str | None:
+    """Why ``event`` cannot be logged as one line, or None: MAX_EVENT_BYTES measures compact JSON."""
+    try:
+        size = len(orjson.dumps(event))
+    except orjson.JSONEncodeError:
+        # orjson writes at most 254 levels of nesting; parsing allows 1024.
+        return "Event is nested too deeply to log."
+    if size > max_bytes:
+        return f"Event is larger than {max_bytes} bytes as JSON."
+    return None
+
+
+class EventSchema(Schema):
+    """One analytics event. ``None`` for an optional field means absent."""
+
+    class Meta:
+        # An unknown field invalidates the event, naming the field: nothing a
+        # client sends is dropped without telling it.
+        unknown = RAISE
+
+    type = fields.String(required=True, validate=validate.Length(min=1, max=256))
+    payload = fields.Dict(allow_none=True)
+    userId = fields.String(allow_none=True)
+    sessionId = fields.String(allow_none=True)
+    id = fields.String(allow_none=True, validate=validate.Length(max=128))
+    timestamp = Timestamp(allow_none=True)
+
+    def __init__(self, *, max_bytes: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_bytes = max_bytes
+
+    @validates_schema(pass_original=True)
+    def _within_size(self, data: dict, original_data: Any, **kwargs: Any) -> None:
+        error = size_error(original_data, self.max_bytes)
+        if error:
+            raise ValidationError(error)
+
+
+class BatchSchema(Schema):
+    """The request body: the events and when the client sent them."""
+
+    class Meta:
+        # Top-level keys other than these carry nothing we log; see the README.
+        unknown = EXCLUDE
+
+    events = JsonArray(required=True)
+    timestamp = Timestamp(allow_none=True)

@@ -1,0 +1,20 @@
+"""gunicorn settings for every deployment: `gunicorn wsgi:app` picks this file up."""
+
+import os
+
+from analytics.logs import gunicorn_logconfig
+
+# Platforms (Heroku and the like) say the port in $PORT; 8000 otherwise.
+bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+# Platforms size this in $WEB_CONCURRENCY; two per core suits a CPU-bound sync app.
+workers = int(os.environ.get("WEB_CONCURRENCY", 2 * (os.cpu_count() or 1)))
+# Sync workers: see the README's Performance section for the measurement behind this.
+worker_class = "sync"
+# A request stuck longer than this (a blocked stdout, say) gets its worker replaced.
+timeout = 30
+# On SIGTERM, requests in flight get this long to finish; Heroku kills at 30 s.
+graceful_timeout = 25
+# gunicorn's own lines are JSON on stderr, like the service's diagnostics.
+logconfig_dict = gunicorn_logconfig()
+# gunicorn's control socket is not used here, and one per host clashes between instances.
+control_socket_disable = True
