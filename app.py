@@ -8,7 +8,7 @@ import structlog
 from flask import Flask, Response, g, request
 from flask_cors import CORS
 
-from analytics import api
+from analytics import api, client, openapi
 from analytics.errors import register_error_handlers
 from analytics.eventlog import EventLog, LockedWriter
 from analytics.ingest import Ingestor
@@ -28,6 +28,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     load_config(app, config)
     register_extensions(app)
     app.register_blueprint(api.bp)
+    app.register_blueprint(client.bp)
+    app.register_blueprint(openapi.bp)
     register_error_handlers(app)
     register_request_hooks(app)
     return app

@@ -84,9 +84,7 @@ def _field_check(field: fields.Field) -> FieldCheck:
 
 def compile_loader(schema: EventSchema) -> Callable[[Any], dict | None]:
     """Return ``load(raw)``: what ``schema.load(raw)`` returns, or None to let marshmallow decide."""
-    checks = {
-        (field.data_key or name): (name, _field_check(field)) for name, field in schema.load_fields.items()
-    }
+    checks = {(field.data_key or name): (name, _field_check(field)) for name, field in schema.load_fields.items()}
     required = frozenset(key for key, (name, _) in checks.items() if schema.load_fields[name].required)
     known = frozenset(checks)
     max_bytes = schema.max_bytes

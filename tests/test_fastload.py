@@ -1,0 +1,85 @@
+"""The fast loader agrees with marshmallow on every event: same verdict, same loaded data."""
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from marshmallow import ValidationError, fields
+
+from analytics.fastload import compile_loader
+from analytics.schemas import EventSchema
+
+SCHEMA = EventSchema(max_bytes=300)
+FAST_LOAD = compile_loader(SCHEMA)
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1000"))
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+timestamps = st.one_of(
+    st.datetimes().map(lambda moment: moment.isoformat()),
+    st.datetimes(timezones=st.timezones()).map(lambda moment: moment.isoformat()),
+    st.integers(min_value=-(10**14), max_value=10**14),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["2024-05-20T14:32:00Z", "2024-05-20", "", "nope", "9999-12-31T23:59:59-01:00"]),
+    st.booleans(),
+)
+# Each known field: usually a plausible value, sometimes anything at all.
+known_fields = {
+    "type": st.text(max_size=300) | json_values,
+    "payload": st.dictionaries(st.text(max_size=10), json_values, max_size=5) | json_values,
+    "userId": st.text(max_size=20) | json_values,
+    "sessionId": st.text(max_size=20) | json_values,
+    "id": st.text(max_size=140) | json_values,
+    "timestamp": timestamps | json_values,
+}
+optional_fields = {key: value for key, value in known_fields.items() if key != "type"}
+valid_type = {"type": st.text(min_size=1, max_size=20)}
+events = st.one_of(
+    st.fixed_dictionaries({}, optional=known_fields),
+    st.fixed_dictionaries(valid_type, optional=optional_fields),
+    st.fixed_dictionaries(valid_type, optional=optional_fields).flatmap(
+        lambda event: st.dictionaries(st.text(max_size=6), json_values, max_size=2).map(
+            lambda extra: {**extra, **event}
+        )
+    ),
+    json_values,
+)
+
+
+@settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(events)
+def test_fast_loader_agrees_with_marshmallow(event):
+    """Where the fast loader accepts, marshmallow accepts with the same data; where marshmallow accepts, so does it."""
+    try:
+        expected = SCHEMA.load(event)
+    except ValidationError:
+        expected = None
+    assert FAST_LOAD(event) == expected
+
+
+def test_fast_loader_takes_the_common_case():
+    """A typical event never falls back to marshmallow: the fast path is really used."""
+    event = {
+        "type": "page_view",
+        "payload": {"url": "/docs", "n": 1},
+        "userId": "u",
+        "sessionId": "s",
+        "id": "e1",
+        "timestamp": "2024-05-20T14:32:00Z",
+    }
+    assert FAST_LOAD(event) == SCHEMA.load(event) != None  # noqa: E711
+
+
+def test_unknown_kind_of_field_is_refused():
+    """A field the loader cannot derive a check for stops the app from starting, instead of going unchecked."""
+
+    class Extended(EventSchema):
+        count = fields.Integer()
+
+    with pytest.raises(TypeError, match="Integer"):
+        compile_loader(Extended(max_bytes=100))
