@@ -64,15 +64,17 @@ def register_request_hooks(app: Flask) -> None:
 
     @app.before_request
     def identify_request() -> None:
-        g.received_at = datetime.now(UTC)
-        g.request_id = peers.request_id(request)
-        g.client_ip = peers.client_address(request) if log_client_ip else None
+        request_id = peers.request_id(request)
+        # What every event line of this request carries besides the event.
+        g.event_context = {"received_at": datetime.now(UTC), "request_id": request_id}
+        if log_client_ip:
+            g.event_context["client_ip"] = peers.client_address(request)
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=g.request_id)
+        structlog.contextvars.bind_contextvars(request_id=request_id)
 
     @app.after_request
     def finish_response(response: Response) -> Response:
-        response.headers["X-Request-ID"] = g.request_id
+        response.headers["X-Request-ID"] = g.event_context["request_id"]
         if request.method == "OPTIONS" and response.status_code == 200:
             # Flask's automatic answer is an empty text/html 200; a preflight has no body to type.
             response.status_code = 204

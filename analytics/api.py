@@ -14,13 +14,7 @@ def ingest() -> dict:
     ingestor = current_app.extensions["analytics"]
     events, batch_timestamp = load_batch(read_json(request, current_app.config["MAX_BODY_BYTES"]))
     accepted, rejected = ingestor.check(events)
-    ingestor.write(
-        accepted,
-        batch_timestamp=batch_timestamp,
-        received_at=g.received_at,
-        request_id=g.request_id,
-        client_ip=g.client_ip,
-    )
+    ingestor.write(accepted, batch_timestamp=batch_timestamp, **g.event_context)
     body = {"success": True, "received": len(accepted)}
     if rejected:
         body["rejected"] = rejected

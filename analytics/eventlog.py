@@ -97,19 +97,24 @@ class EventSink:
 def render_lines(logger: Any, method_name: str, event_dict: dict[str, Any]) -> bytes:
     """The structlog renderer for event lines: one JSON line per event of the batch.
 
-    ``event_dict`` holds the batch's events and the request's bound context; the
-    context is rendered once and spliced onto every line.
+    ``event_dict`` holds the batch's events and the request's bound context. The
+    context is rendered once, and each event's own JSON has its closing brace
+    replaced by it: one join builds the whole buffer.
     """
     events = event_dict.pop("events")
     del event_dict["event"]
-    suffix = orjson.dumps(event_dict, option=orjson.OPT_UTC_Z)[1:]
-    lines = []
-    for event in events:
-        line = orjson.dumps({"kind": "event", "type": event["type"], **event}, option=orjson.OPT_UTC_Z)
-        lines.append(line[:-1] + b"," + suffix if suffix != b"}" else line)
-    data = b"\n".join(lines) + b"\n"
-    for char, escaped in _LINE_BREAKS:
-        if char in data:
+    ending = (b"," + orjson.dumps(event_dict, option=orjson.OPT_UTC_Z)[1:] if event_dict else b"}") + b"\n"
+    data = ending.join(
+        [
+            orjson.dumps({"kind": "event", "type": event["type"], **event}, option=orjson.OPT_UTC_Z)[:-1]
+            for event in events
+        ]
+    )
+    data += ending
+    # Every line break to escape starts with one of these bytes: a memchr scan
+    # rules them out in well under a microsecond, three substring scans take 50.
+    if b"\xe2" in data or b"\xc2" in data:
+        for char, escaped in _LINE_BREAKS:
             data = data.replace(char, escaped)
     return data
 

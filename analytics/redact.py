@@ -1,13 +1,18 @@
 """Masking of secret-looking payload keys before anything is written."""
 
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Any
 
 REDACTED = "[REDACTED]"
 
 
+@lru_cache(maxsize=4096)
 def normalize_key(key: str) -> str:
-    """The form keys are compared in: "Access-Token" and "accessToken" both become "accesstoken"."""
+    """The form keys are compared in: "Access-Token" and "accessToken" both become "accesstoken".
+
+    Cached: payloads repeat the same few keys in every event.
+    """
     return key.lower().replace("_", "").replace("-", "")
 
 

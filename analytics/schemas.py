@@ -64,6 +64,10 @@ class EventSchema(Schema):
         super().__init__(**kwargs)
         self.max_bytes = max_bytes
 
+    def fits(self, event: Any) -> bool:
+        """Whether the event can be written as one line within MAX_EVENT_BYTES."""
+        return size_error(event, self.max_bytes) is None
+
     @validates_schema(pass_original=True)
     def _within_size(self, data: dict, original_data: Any, **kwargs: Any) -> None:
         error = size_error(original_data, self.max_bytes)

@@ -8,10 +8,11 @@ from hypothesis import strategies as st
 from marshmallow import ValidationError, fields
 
 from analytics.fastload import compile_loader
+from analytics.ingest import BATCH_SCHEMA, FAST_LOAD_BATCH
 from analytics.schemas import EventSchema
 
 SCHEMA = EventSchema(max_bytes=300)
-FAST_LOAD = compile_loader(SCHEMA)
+FAST_LOAD = compile_loader(SCHEMA, whole=SCHEMA.fits)
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1000"))
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
@@ -83,3 +84,30 @@ def test_unknown_kind_of_field_is_refused():
 
     with pytest.raises(TypeError, match="Integer"):
         compile_loader(Extended(max_bytes=100))
+
+
+batches = st.one_of(
+    st.fixed_dictionaries(
+        {}, optional={"events": st.lists(json_values, max_size=3) | json_values, "timestamp": timestamps}
+    ),
+    st.fixed_dictionaries({"events": st.lists(json_values, max_size=3)}).flatmap(
+        lambda batch: st.dictionaries(st.text(max_size=6), json_values, max_size=2).map(
+            lambda extra: {**extra, **batch}
+        )
+    ),
+    json_values,
+)
+
+
+@settings(max_examples=EXAMPLES // 2, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(batches)
+def test_fast_batch_loader_agrees_with_marshmallow(batch):
+    """The batch's fast loader, where it accepts, returns what BatchSchema returns."""
+    try:
+        expected = BATCH_SCHEMA.load(batch)
+    except ValidationError:
+        expected = None
+    loaded = FAST_LOAD_BATCH(batch)
+    assert loaded is None or loaded == expected
+    if expected is not None and batch.keys() <= {"events", "timestamp"}:
+        assert loaded == expected
