@@ -52,7 +52,7 @@ def register_extensions(app: Flask) -> None:
         app,
         resources={r"/api/*": {"origins": app.config["CORS_ORIGINS"]}},
         supports_credentials=False,
-        expose_headers=["X-Request-ID"],
+        expose_headers=["X-Request-ID", "Retry-After"],
         max_age=86400,
     )
 
