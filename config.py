@@ -37,6 +37,9 @@ class Config:
     # Peers (addresses or CIDR networks) whose X-Forwarded-For and X-Request-ID
     # are believed. Everyone else's are ignored.
     TRUSTED_PROXIES = ["127.0.0.1", "::1"]
+    # Seconds the body may stop arriving before the request is a 408 (per read,
+    # like nginx's client_body_timeout); behind nginx, which buffers bodies, it never fires.
+    BODY_READ_TIMEOUT = 10.0
     # Seconds to wait for stdout to accept a batch before answering 500.
     LOG_WRITE_TIMEOUT = 5.0
     # Put the client's address on each event line.

@@ -12,7 +12,8 @@ bp = Blueprint("api", __name__)
 def ingest() -> dict:
     """Accept a batch: log its valid events, report the invalid ones."""
     ingestor = current_app.extensions["analytics"]
-    events, batch_timestamp = load_batch(read_json(request, current_app.config["MAX_BODY_BYTES"]))
+    config = current_app.config
+    events, batch_timestamp = load_batch(read_json(request, config["MAX_BODY_BYTES"], config["BODY_READ_TIMEOUT"]))
     accepted, rejected = ingestor.check(events)
     ingestor.write(accepted, batch_timestamp=batch_timestamp, **g.event_context)
     body = {"success": True, "received": len(accepted)}

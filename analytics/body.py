@@ -2,6 +2,8 @@
 
 import codecs
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import IO, Any
 
 import orjson
@@ -58,18 +60,51 @@ def _gunzip(data: bytes, limit: int) -> bytes:
     return out
 
 
-def read_json(request: Request, limit: int) -> Any:
-    """Parse the body as JSON whatever the Content-Type says; raise ApiError if that cannot be done."""
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("identity", "gzip", "x-gzip", ""):
-        raise ApiError(415, "Unsupported Content-Encoding", supported=["gzip", "identity"])
+@contextmanager
+def _read_timeout(request: Request, seconds: float) -> Iterator[None]:
+    """Bound each read of the body, where the server hands us its socket (gunicorn does).
+
+    Without it a client that stops short of its Content-Length holds a sync
+    worker until gunicorn kills it, and gets gunicorn's HTML 500.
+    """
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        yield
+        return
+    previous = sock.gettimeout()
+    sock.settimeout(seconds)
+    try:
+        yield
+    except TimeoutError as error:
+        raise ApiError(408, "Request timeout") from error
+    finally:
+        sock.settimeout(previous)
+
+
+def _read(request: Request, limit: int) -> bytes:
+    """The raw body, or a 413 past ``limit``, or a 400 when it ends before its Content-Length."""
     stream = request.stream
     length = request.content_length
     if length is not None and length > limit:
         _drain(stream)
         raise too_large(limit)
-    # With a Content-Length the server stops the stream there: one read takes it all.
-    body = stream.read(length) if length is not None else _read_bounded(stream, limit)
+    if length is None:
+        return _read_bounded(stream, limit)
+    # The server stops the stream at the Content-Length: one read takes it all.
+    body = stream.read(length)
+    if len(body) < length:
+        # The client closed early: RFC 9112 calls such a message incomplete.
+        raise ApiError(400, "Invalid JSON")
+    return body
+
+
+def read_json(request: Request, limit: int, timeout: float) -> Any:
+    """Parse the body as JSON whatever the Content-Type says; raise ApiError if that cannot be done."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", "x-gzip", ""):
+        raise ApiError(415, "Unsupported Content-Encoding", supported=["gzip", "identity"])
+    with _read_timeout(request, timeout):
+        body = _read(request, limit)
     if encoding != "identity" and encoding != "":
         body = _gunzip(body, limit)
     # RFC 8259 lets a parser ignore a byte order mark; orjson refuses one.

@@ -10,7 +10,7 @@ from functools import lru_cache
 from flask import Request
 
 # A proxy's X-Request-ID is taken only if it looks like an id, not like an attack on log readers.
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
 class RequestIds:
@@ -59,6 +59,6 @@ class Peers:
         """The trusted proxy's X-Request-ID where it sent a sane one, else a new id."""
         incoming = request.headers.get("X-Request-ID")
         if incoming and request.remote_addr and self.is_trusted(request.remote_addr):
-            if _REQUEST_ID.fullmatch(incoming):
+            if REQUEST_ID_PATTERN.fullmatch(incoming):
                 return incoming
         return self._ids.new()

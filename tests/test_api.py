@@ -5,6 +5,7 @@ import gzip
 import io
 import json
 import os
+import socket
 from typing import Any
 
 import pytest
@@ -529,3 +530,36 @@ def test_settings_from_environment(monkeypatch):
     assert app.config["CORS_ORIGINS"] == ["https://a.example"]
     response = post(app.test_client(), {"events": [{"type": "a"}] * 3})
     assert (response.status_code, response.json) == (413, {"error": "Too many events", "limit_events": 2})
+
+
+def stalled_body_request(client: FlaskClient) -> Any:
+    """POST through a real socket whose peer sends 10 of the 100 bytes it announced, then goes quiet."""
+    server_end, client_end = socket.socketpair()
+    with server_end, client_end:
+        client_end.sendall(b'{"events":')
+        environ = {
+            "wsgi.input": server_end.makefile("rb"),
+            "gunicorn.socket": server_end,
+            "wsgi.input_terminated": True,
+            "CONTENT_LENGTH": "100",
+        }
+        return client.post("/api/analytics", environ_overrides=environ)
+
+
+def test_stalled_body_is_408():
+    """A body that stops arriving for BODY_READ_TIMEOUT is a JSON 408, and nothing is written."""
+    client = create_app({"TESTING": True, "BODY_READ_TIMEOUT": 0.2}).test_client()
+    response = stalled_body_request(client)
+    assert (response.status_code, response.json) == (408, {"error": "Request timeout"})
+
+
+def test_body_shorter_than_its_content_length_is_400(client, capfd):
+    """A client that closes before sending its Content-Length's worth sent an incomplete body."""
+    server_end, client_end = socket.socketpair()
+    with server_end:
+        client_end.sendall(b'{"events": [{"type": "cut"}]}')
+        client_end.close()
+        environ = {"wsgi.input": server_end.makefile("rb"), "wsgi.input_terminated": True, "CONTENT_LENGTH": "1000"}
+        response = client.post("/api/analytics", environ_overrides=environ)
+    assert (response.status_code, response.json) == (400, {"error": "Invalid JSON"})
+    assert event_lines(capfd) == []

@@ -1,0 +1,202 @@
+"""Every limit at its edges: one below, exactly at, and one past, at small limits and at the defaults."""
+
+import gzip
+import http.client
+import io
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from app import create_app
+from config import Config
+from tests.server import Server, strict_json
+
+SMALL = {"MAX_BODY_BYTES": 2000, "MAX_EVENTS": 5, "MAX_EVENT_BYTES": 300}
+DEFAULTS = {name: getattr(Config, name) for name in SMALL}
+LIMITS = [pytest.param(SMALL, id="small"), pytest.param(DEFAULTS, id="defaults")]
+
+
+@pytest.fixture(params=LIMITS)
+def limits(request: pytest.FixtureRequest) -> dict[str, int]:
+    """The limits under test: small ones, then the defaults of config.py."""
+    return request.param
+
+
+@pytest.fixture
+def app_with(limits: dict[str, int]) -> Flask:
+    """An app with those limits."""
+    return create_app({"TESTING": True, **limits})
+
+
+def body_of_size(size: int) -> bytes:
+    """A valid one-event batch of exactly ``size`` bytes, padded with JSON whitespace."""
+    body = b'{"events":[{"type":"edge"}]}'
+    return body + b" " * (size - len(body))
+
+
+def event_of_size(size: int) -> dict[str, Any]:
+    """An event whose compact JSON (orjson.dumps) is exactly ``size`` bytes; two-byte characters included."""
+    event = {"type": "edge", "payload": {"s": "é"}}
+    pad = size - len(orjson.dumps(event))
+    event["payload"]["s"] += "x" * pad
+    assert len(orjson.dumps(event)) == size
+    return event
+
+
+def chunked(data: bytes) -> dict[str, Any]:
+    """Test-client arguments for a body without Content-Length, as gunicorn hands a chunked one to the app."""
+    environ = {"wsgi.input_terminated": True, "CONTENT_LENGTH": "", "HTTP_TRANSFER_ENCODING": "chunked"}
+    return {"input_stream": io.BytesIO(data), "environ_overrides": environ}
+
+
+def sized(data: bytes) -> dict[str, Any]:
+    """Test-client arguments for a body with a Content-Length."""
+    return {"data": data}
+
+
+def post(client: FlaskClient, capfd: pytest.CaptureFixture[bytes], **kwargs: Any) -> tuple[int, Any, list[Any]]:
+    """POST to the ingestion route; return the status, the JSON answer and the event lines written."""
+    capfd.readouterr()
+    response = client.post("/api/analytics", **kwargs)
+    out = capfd.readouterr().out
+    return response.status_code, strict_json(response.data), [strict_json(line) for line in out.splitlines()]
+
+
+def too_large(limit: int) -> tuple[int, dict[str, Any]]:
+    """The 413 for a body over ``limit`` bytes."""
+    return 413, {"error": "Payload too large", "limit_bytes": limit}
+
+
+ACCEPTED_ONE = (200, {"success": True, "received": 1})
+
+
+@pytest.mark.parametrize("send", [sized, chunked])
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+def test_body_size_on_the_wire(app_with, limits, capfdbinary, send, delta):
+    """A body of MAX_BODY_BYTES - 1 or MAX_BODY_BYTES is accepted; one byte more is a 413, with or without length."""
+    limit = limits["MAX_BODY_BYTES"]
+    status, answer, lines = post(app_with.test_client(), capfdbinary, **send(body_of_size(limit + delta)))
+    expected = too_large(limit) if delta > 0 else ACCEPTED_ONE
+    assert (status, answer) == expected
+    assert len(lines) == (0 if delta > 0 else 1)
+
+
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+def test_body_size_after_decompression(app_with, limits, capfdbinary, delta):
+    """A small gzip body inflating to MAX_BODY_BYTES - 1 or MAX_BODY_BYTES is accepted; one byte more is a 413."""
+    limit = limits["MAX_BODY_BYTES"]
+    wire = gzip.compress(body_of_size(limit + delta))
+    assert len(wire) < limit // 10
+    status, answer, lines = post(app_with.test_client(), capfdbinary, data=wire, headers={"Content-Encoding": "gzip"})
+    assert (status, answer) == (too_large(limit) if delta > 0 else ACCEPTED_ONE)
+    assert len(lines) == (0 if delta > 0 else 1)
+
+
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+def test_gzip_body_size_on_the_wire(app_with, limits, capfdbinary, delta):
+    """The wire limit holds for gzip bodies too: incompressible ones of limit - 1 and limit pass it, limit + 1 not."""
+    limit = limits["MAX_BODY_BYTES"]
+    # Stored (level 0) deflate: the wire size is the body plus its framing, so it can be set to the byte.
+    framing = len(gzip.compress(body_of_size(limit), compresslevel=0)) - limit
+    body = body_of_size(limit + delta - framing)
+    wire = gzip.compress(body, compresslevel=0)
+    assert len(wire) == limit + delta
+    status, answer, lines = post(app_with.test_client(), capfdbinary, data=wire, headers={"Content-Encoding": "gzip"})
+    assert (status, answer) == (too_large(limit) if delta > 0 else ACCEPTED_ONE)
+    assert len(lines) == (0 if delta > 0 else 1)
+
+
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+def test_events_per_batch(app_with, limits, capfdbinary, delta):
+    """MAX_EVENTS - 1 and MAX_EVENTS events are accepted; one more is a 413 and nothing is written."""
+    count = limits["MAX_EVENTS"] + delta
+    body = orjson.dumps({"events": [{"type": "edge", "id": str(index)} for index in range(count)]})
+    status, answer, lines = post(app_with.test_client(), capfdbinary, data=body)
+    if delta > 0:
+        assert (status, answer) == (413, {"error": "Too many events", "limit_events": limits["MAX_EVENTS"]})
+        assert lines == []
+    else:
+        assert (status, answer) == (200, {"success": True, "received": count})
+        assert [line["id"] for line in lines] == [str(index) for index in range(count)]
+
+
+@pytest.mark.parametrize("spaced", [False, True], ids=["compact", "spaced"])
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+def test_event_size(app_with, limits, capfdbinary, delta, spaced):
+    """An event of MAX_EVENT_BYTES as compact JSON is accepted, one byte more rejected alone, however it was sent."""
+    limit = limits["MAX_EVENT_BYTES"]
+    edge = event_of_size(limit + delta)
+    events = [edge, {"type": "beside"}]
+    body = orjson.dumps({"events": events}, option=orjson.OPT_INDENT_2 if spaced else 0)
+    status, answer, lines = post(app_with.test_client(), capfdbinary, data=body)
+    if delta > 0:
+        rejection = {"index": 0, "errors": {"_schema": [f"Event is larger than {limit} bytes as JSON."]}}
+        assert (status, answer) == (200, {"success": True, "received": 1, "rejected": [rejection]})
+        assert [line["type"] for line in lines] == ["beside"]
+    else:
+        assert (status, answer) == (200, {"success": True, "received": 2})
+        assert lines[0]["payload"] == edge["payload"]
+
+
+@pytest.mark.parametrize(
+    ("field", "limit", "message"),
+    [("type", 256, "Length must be between 1 and 256."), ("id", 128, "Longer than maximum length 128.")],
+)
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+def test_string_lengths(client, capfdbinary, field, limit, message, delta):
+    """``type`` up to 256 characters and ``id`` up to 128 (counted in characters, not bytes); one more is rejected."""
+    value = "é" * (limit + delta)
+    event = {"type": "edge", field: value}
+    status, answer, lines = post(client, capfdbinary, data=orjson.dumps({"events": [event, {"type": "beside"}]}))
+    if delta > 0:
+        rejection = {"index": 0, "errors": {field: [message]}}
+        assert (status, answer) == (200, {"success": True, "received": 1, "rejected": [rejection]})
+        assert len(lines) == 1
+    else:
+        assert (status, answer) == (200, {"success": True, "received": 2})
+        assert lines[0][field] == value
+
+
+# --- on the wire, through real gunicorn ------------------------------------------------------------
+
+WIRE_LIMIT = 4096
+
+
+@pytest.fixture(scope="module")
+def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Real gunicorn with a small MAX_BODY_BYTES."""
+    env = {"ANALYTICS_MAX_BODY_BYTES": str(WIRE_LIMIT)}
+    server = Server(tmp_path_factory.mktemp("limits"), workers=2, env=env).start()
+    yield server
+    server.stop()
+
+
+def post_over_http(server: Server, body: bytes, chunked: bool) -> tuple[int, Any]:
+    """POST with a Content-Length, or chunked in 1000-byte pieces; return the status and the JSON answer."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        if chunked:
+            pieces = iter([body[start : start + 1000] for start in range(0, len(body), 1000)])
+            connection.request("POST", "/api/analytics", body=pieces, encode_chunked=True)
+        else:
+            connection.request("POST", "/api/analytics", body=body)
+        response = connection.getresponse()
+        return response.status, strict_json(response.read())
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_body_size_through_gunicorn(gunicorn, chunked):
+    """Real gunicorn, sized or chunked: limit - 1 and limit accepted, limit + 1 a 413 that writes nothing."""
+    before = gunicorn.stdout.count(b"\n")
+    answers = [post_over_http(gunicorn, body_of_size(WIRE_LIMIT + delta), chunked) for delta in (-1, 0, 1)]
+    assert answers == [ACCEPTED_ONE, ACCEPTED_ONE, too_large(WIRE_LIMIT)]
+    # A last request marks the end: its line comes after any the 413 could have written.
+    assert post_over_http(gunicorn, b'{"events":[{"type":"marker"}]}', chunked) == ACCEPTED_ONE
+    lines = gunicorn.wait_for_lines(before + 3)[before:]
+    assert [line["type"] for line in lines] == ["edge", "edge", "marker"]
