@@ -6,13 +6,23 @@ So a batch is rendered into one buffer and written while holding a POSIX
 record lock on stdout itself: every process writing to the same pipe, file or
 socket waits its turn, and the kernel drops the lock if the holder dies. The
 lock belongs to a process, so a thread lock covers the threads within one.
+
+A lock is not enough on a pipe: a writer killed (by the OOM killer, or by
+gunicorn's timeout) while its write waits for room leaves half a line that the
+next writer's line is glued to. So on a pipe nothing is written until there is
+room for all of it, or, for a batch larger than the pipe, for each piece of
+whole lines: a write that fits is never cut short.
 """
 
 import fcntl
 import os
 import select
+import stat
+import sys
+import termios
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -27,8 +37,49 @@ _LINE_BREAKS = (
 )
 
 
+# Linux lets any process grow a pipe to this much (fs.pipe-max-size's default).
+PIPE_SIZE = 1024 * 1024
+# The pipe's space is counted in pages; unread bytes can straddle two more than they fill.
+PIPE_MARGIN = 2 * os.sysconf("SC_PAGE_SIZE")
+
+
 class LogWriteError(Exception):
-    """The event log could not take the batch: nothing of it was written."""
+    """The event log could not take the batch: nothing of it, or (past a pipe's size) only whole lines, was written."""
+
+
+def _grow_pipe(fd: int) -> int | None:
+    """The capacity of the pipe ``fd`` after asking for PIPE_SIZE; None when ``fd`` is no pipe."""
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        return None
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # over fs.pipe-max-size: the pipe keeps the size it had
+    return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+
+
+def _unread(fd: int) -> int:
+    """Bytes in the pipe that its reader has not read yet."""
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
+
+
+def _line_chunks(data: bytes, size: int) -> Iterator[memoryview]:
+    """``data`` in pieces of whole lines of at most ``size`` bytes, but for a single line longer than that."""
+    view = memoryview(data)
+    start = 0
+    while len(data) - start > size:
+        cut = data.rfind(b"\n", start, start + size) + 1
+        if cut <= start:
+            cut = data.index(b"\n", start) + 1
+        yield view[start:cut]
+        start = cut
+    if start < len(data):
+        yield view[start:]
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 class LockedWriter:
@@ -38,6 +89,8 @@ class LockedWriter:
         self.fd = fd
         self.timeout = timeout
         self._thread_lock = threading.Lock()
+        # What stdout is, read once: a pipe gets the room-first writes described above.
+        self._pipe_size = _grow_pipe(fd)
 
     def _lock(self, deadline: float) -> None:
         """Take the record lock by the deadline, polling so a stuck holder cannot hang us."""
@@ -62,20 +115,37 @@ class LockedWriter:
         if events[0][1] & (select.POLLERR | select.POLLHUP):
             raise LogWriteError("stdout is closed")
 
+    def _wait_for_room(self, size: int, deadline: float) -> None:
+        """Wait until the pipe can take ``size`` bytes at once (or is empty, for a longer line)."""
+        assert self._pipe_size is not None
+        needed = min(size, self._pipe_size - PIPE_MARGIN) + PIPE_MARGIN
+        pause = 0.0001
+        while self._pipe_size - _unread(self.fd) < needed:
+            if time.monotonic() + pause > deadline:
+                raise LogWriteError("timed out waiting for room in the stdout pipe")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
+    def _write_locked(self, data: bytes, deadline: float) -> None:
+        if self._pipe_size is None:
+            # A file or socket: once the first byte is out the rest follows, gunicorn's
+            # worker timeout being the backstop.
+            self._wait_writable(deadline)
+            _write_all(self.fd, memoryview(data))
+            return
+        for chunk in _line_chunks(data, self._pipe_size - PIPE_MARGIN):
+            self._wait_for_room(len(chunk), deadline)
+            _write_all(self.fd, chunk)
+
     def write(self, data: bytes) -> None:
-        """Write all of ``data`` or raise LogWriteError having written none of it."""
+        """Write all of ``data`` or raise LogWriteError; never leave a line torn."""
         deadline = time.monotonic() + self.timeout
         if not self._thread_lock.acquire(timeout=self.timeout):
             raise LogWriteError("timed out waiting for the log lock")
         try:
             self._lock(deadline)
             try:
-                self._wait_writable(deadline)
-                # Once the first byte is out, the rest must follow or the line tears:
-                # blocking writes finish it (gunicorn's worker timeout is the backstop).
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self.fd, view) :]
+                self._write_locked(data, deadline)
             finally:
                 fcntl.lockf(self.fd, fcntl.LOCK_UN)
         except OSError as error:

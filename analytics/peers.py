@@ -4,7 +4,7 @@ import ipaddress
 import itertools
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 
 from flask import Request
@@ -17,15 +17,15 @@ class RequestIds:
     """New request ids: a random prefix per process and a counter, unique without a syscall each."""
 
     def __init__(self) -> None:
-        self._pid = -1
+        self._state: tuple[int, str, Iterator[int]] = (-1, "", itertools.count())
 
     def new(self) -> str:
-        # Checked each time, so that processes forked after the first id still get their own prefix.
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._prefix = os.urandom(8).hex()
-            self._counter = itertools.count()
-        return f"{self._prefix}{next(self._counter):016x}"
+        # Checked each time, so that processes forked after the first id get a prefix of their own.
+        # One tuple, swapped whole, so threads never see a half-made state.
+        pid, prefix, counter = self._state
+        if pid != os.getpid():
+            pid, prefix, counter = self._state = (os.getpid(), os.urandom(8).hex(), itertools.count())
+        return f"{prefix}{next(counter):016x}"
 
 
 class Peers:

@@ -42,3 +42,9 @@ def test_every_setting_is_documented():
     assert settings
     for name in settings:
         assert f"| `{name}` |" in README, name
+
+
+def test_nginx_sample_is_the_tested_file():
+    """The server block the README shows is deploy/nginx.conf, which tests/test_nginx.py runs."""
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    assert f"```nginx\n{conf}```" in README

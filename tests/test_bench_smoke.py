@@ -1,0 +1,164 @@
+"""The benchmark harness (bench/) starts and checks what it claims to: not a measurement, no timing asserted."""
+
+import json
+import shutil
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from analytics.schemas import EventSchema
+from bench import profiles
+from bench.run import (
+    BenchError,
+    ServerSpec,
+    WrkResult,
+    count_problems,
+    make_body,
+    make_large_body,
+    parse_service,
+    parse_wrk,
+    wrk_script,
+)
+from config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+WRK_OUTPUT = """\
+Running 15s test @ http://127.0.0.1:40001/api/analytics
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     3.21ms  402.11us  12.02ms   91.02%
+  60000 requests in 15.00s, 10.05MB read
+Requests/sec:   4000.00
+BENCH_RESULT {"requests": 60000, "duration_us": 15000000, "bytes": 10538000, "status_errors": 0, \
+"connect_errors": 0, "read_errors": 2, "write_errors": 0, "timeouts": 1, "p50_us": 3100, "p90_us": 3900, \
+"p99_us": 5200, "max_us": 12020}
+"""
+
+
+def test_benchmark_events_are_realistic_and_valid() -> None:
+    """Events are 150-200 bytes of compact JSON, carry every field, have unique ids and pass the real schema."""
+    body = json.loads(make_body(100))
+    events = body["events"]
+    assert len(events) == 100
+    schema = EventSchema(max_bytes=Config.MAX_EVENT_BYTES)
+    for event in events:
+        assert 150 <= len(json.dumps(event, separators=(",", ":"))) <= 200
+        assert set(event) == {"type", "payload", "userId", "sessionId", "id", "timestamp"}
+        assert 2 <= len(event["payload"]) <= 3
+        assert datetime.fromisoformat(event["timestamp"]).tzinfo is not None
+        schema.load(event)
+    assert len({event["id"] for event in events}) == 100
+    assert make_body(100) == make_body(100), "every run must send the same bytes"
+
+
+def test_large_body_is_a_valid_batch_just_under_the_body_limit() -> None:
+    """The RSS burst sends MAX_EVENTS events in just under MAX_BODY_BYTES, each event within MAX_EVENT_BYTES."""
+    raw = make_large_body()
+    assert Config.MAX_BODY_BYTES - 4096 < len(raw) <= Config.MAX_BODY_BYTES
+    events = json.loads(raw)["events"]
+    assert len(events) == Config.MAX_EVENTS
+    schema = EventSchema(max_bytes=Config.MAX_EVENT_BYTES)
+    for event in events[:50]:
+        schema.load(event)
+
+
+def test_parse_wrk_reads_the_summary_of_the_done_hook() -> None:
+    """The JSON line the Lua ``done`` hook prints becomes the run's numbers."""
+    result = parse_wrk(WRK_OUTPUT)
+    assert result.requests == 60000
+    assert result.rps == pytest.approx(4000.0)
+    assert (result.p50_us, result.p99_us) == (3100, 5200)
+    assert result.socket_errors == 3
+
+
+def test_parse_wrk_without_a_summary_is_an_error() -> None:
+    """Output without the summary line (wrk without the script) is refused, not read as zero."""
+    with pytest.raises(BenchError, match="no summary"):
+        parse_wrk(WRK_OUTPUT.split("BENCH_RESULT")[0])
+
+
+def _result(requests: int, status_errors: int = 0, read_errors: int = 0) -> WrkResult:
+    """A wrk summary with the given counts."""
+    return WrkResult(requests, 15_000_000, 0, status_errors, 0, read_errors, 0, 0, 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("result", "logged", "problem"),
+    [
+        (_result(1000), 10_000, None),
+        (_result(1000), 10_000 + 16 * 10, None),
+        (_result(1000, read_errors=2), 10_000 + 18 * 10, None),
+        (_result(1000), 9_990, "only 9990 event lines for 10000 acknowledged events"),
+        (_result(1000), 10_000 + 17 * 10, "10170 event lines for 10000 acknowledged events (at most 160 unseen)"),
+        (_result(1000), 10_005, "10005 event lines is not a whole number of batches of 10"),
+        (_result(1000, status_errors=3), 9_970, "3 answers were not 2xx"),
+    ],
+)
+def test_count_problems(result: WrkResult, logged: int, problem: str | None) -> None:
+    """Every acknowledged event must be logged; only requests wrk never saw answered may add lines."""
+    acknowledged, problems = count_problems(result, logged, batch=10, connections=16)
+    assert acknowledged == (result.requests - result.status_errors) * 10
+    assert problems == ([problem] if problem else [])
+
+
+@pytest.mark.parametrize(
+    ("text", "spec"),
+    [
+        ("sync", ServerSpec("service")),
+        ("gthread:2", ServerSpec("service", "gthread", 2)),
+        ("gthread", ServerSpec("service", "gthread", 4)),
+    ],
+)
+def test_parse_service(text: str, spec: ServerSpec) -> None:
+    """--service takes sync or gthread:THREADS."""
+    assert parse_service(text) == spec
+
+
+def test_wrk_script_posts_the_body_file() -> None:
+    """The Lua script reads the body from its file, sets the headers and prints the summary in ``done``."""
+    script = wrk_script(Path("/tmp/bench/b10.json"), {"Connection": "close"})
+    assert 'io.open("/tmp/bench/b10.json", "rb")' in script
+    assert 'wrk.method = "POST"' in script
+    assert 'wrk.headers["Connection"] = "close"' in script
+    assert "function done(summary, latency, requests)" in script
+    assert "BENCH_RESULT " in script
+
+
+def test_profile_summary_charges_owners() -> None:
+    """orjson below our code is orjson's, a poll is waiting, anything else belongs to the innermost Python frame."""
+    entry = "<module> (gunicorn:8);Arbiter.run (gunicorn/arbiter.py:247);wsgi_app (flask/app.py:1511)"
+    raw = "\n".join(
+        [
+            f"{entry};write (analytics/eventlog.py:80);dumps (orjson/orjson.cpython-311-x86_64-linux-gnu.so) 6",
+            f"{entry};load (marshmallow/schema.py:700);unicode_new (libpython3.11.so.1.0) 3",
+            f"{entry};SocketUnreader.chunk (gunicorn/http/unreader.py:100);recv (libc.so.6);poll (libc.so.6) 1",
+        ]
+    )
+    summary = profiles.summarize(profiles.parse_raw(raw))
+    assert summary.samples == 10
+    assert dict(summary.owners) == {"orjson": 6, "marshmallow": 3, "waiting in poll()": 1}
+    assert summary.inclusive_owners["flask"] == 10
+    assert summary.inclusive_owners["service code"] == 6
+    assert summary.self_lines == {"analytics/eventlog.py:80 write": 6}
+    assert "orjson 60.0%" in profiles.report("sample", summary)
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+def test_harness_runs_end_to_end(tmp_path: Path) -> None:
+    """A one-second run against both servers prints the table and finds every acknowledged event logged."""
+    command = [sys.executable, "bench/run.py", "--duration", "1", "--warmup", "0", "--batches", "5"]
+    command += ["--rss-requests", "1", "--settle", "0.2", "--no-pin", "--results", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| floor | 5 |" in done.stdout
+    assert "| service (sync) | 5 |" in done.stdout
+    assert "every acknowledged event was logged" in done.stdout
+    assert "peak RSS" in done.stdout
+    (saved,) = tmp_path.glob("run-*.json")
+    record = json.loads(saved.read_text())
+    assert {m["server"] for m in record["measurements"]} == {"floor", "service (sync)"}
+    assert all(m["problems"] == [] and m["logged"] >= m["acknowledged"] > 0 for m in record["measurements"])

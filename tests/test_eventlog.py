@@ -1,0 +1,29 @@
+"""Pieces of the event log that the end-to-end tests reach only at their edges."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from analytics.eventlog import _line_chunks
+from analytics.peers import RequestIds
+
+
+@pytest.mark.parametrize("size", [1, 5, 9, 10, 11, 64, 1000])
+def test_line_chunks_are_whole_lines_within_the_size(size):
+    """A batch larger than the pipe is cut only between lines, each piece within the size unless one line is longer."""
+    data = b"".join(b"x" * length + b"\n" for length in (3, 9, 0, 20, 4, 4, 1))
+    chunks = [bytes(chunk) for chunk in _line_chunks(data, size)]
+    assert b"".join(chunks) == data
+    for chunk in chunks:
+        assert chunk.endswith(b"\n")
+        assert len(chunk) <= size or chunk.count(b"\n") == 1
+
+
+def test_request_ids_are_unique_across_threads():
+    """Threads asking a fresh generator at once all get distinct ids (gthread workers do this)."""
+    ids = RequestIds()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        batches = list(pool.map(lambda _: [ids.new() for _ in range(2000)], range(8)))
+    every = [request_id for batch in batches for request_id in batch]
+    assert len(set(every)) == len(every) == 16000
+    assert {len(request_id) for request_id in every} == {32}

@@ -1,0 +1,371 @@
+"""Behind a real nginx running deploy/nginx.conf: body limits, keep-alive after a 413, trusted headers, slow clients."""
+
+import gzip
+import http.client
+import json
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.server import ROOT, Server, SlowUpload, free_port, send, strict_json
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+CONF = ROOT / "deploy" / "nginx.conf"
+LIMIT = 1024 * 1024
+# An address of this host that the service does not trust as a proxy: a client elsewhere, as far as it knows.
+OUTSIDER = "127.0.0.2"
+
+pytestmark = pytest.mark.skipif(
+    not os.access(NGINX, os.X_OK), reason=f"nginx is not installed ({NGINX}); apt-get install nginx"
+)
+
+
+def ipv6_loopback() -> bool:
+    """Whether ::1 can be bound here (some containers have no IPv6)."""
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+class Nginx:
+    """Debian's nginx in the foreground with deploy/nginx.conf, its ports and log directory the only changes."""
+
+    def __init__(self, tmp_path: Path, upstream_port: int) -> None:
+        self.dir = tmp_path / f"nginx-{upstream_port}"
+        self.dir.mkdir()
+        self.port = free_port()
+        self.access_log = self.dir / "analytics.access.log"
+        self.error_log = self.dir / "error.log"
+        site = CONF.read_text()
+        for old, new in [
+            ("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};"),
+            ("listen 80;", f"listen 127.0.0.1:{self.port};"),
+            ("listen [::]:80;", f"listen [::1]:{self.port};" if ipv6_loopback() else ""),
+            ("/var/log/nginx/", f"{self.dir}/"),
+        ]:
+            assert old in site, f"deploy/nginx.conf no longer has {old!r}"
+            site = site.replace(old, new)
+        (self.dir / "analytics.conf").write_text(site)
+        # Only what a distribution's nginx.conf provides around the site: the main context.
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
+        (self.dir / "nginx.conf").write_text(
+            f"""{user}
+worker_processes 1;
+daemon off;
+pid {self.dir}/nginx.pid;
+events {{ worker_connections 256; }}
+http {{
+    default_type application/octet-stream;
+    client_body_temp_path {self.dir}/client_body;
+    proxy_temp_path {self.dir}/proxy;
+    fastcgi_temp_path {self.dir}/fastcgi;
+    uwsgi_temp_path {self.dir}/uwsgi;
+    scgi_temp_path {self.dir}/scgi;
+    access_log {self.dir}/access.log;
+    include {self.dir}/analytics.conf;
+}}
+"""
+        )
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "Nginx":
+        """Start nginx and wait until it accepts connections."""
+        command = [NGINX, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf"), "-e", str(self.error_log)]
+        check = subprocess.run([*command, "-t"], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.error_log.read_text()
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"nginx did not start: {self.error_log.read_text()}")
+
+    def stop(self) -> None:
+        """Stop nginx (SIGQUIT: graceful) and wait for it."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def access(self) -> list[dict[str, Any]]:
+        """The whole JSON lines of the site's access log so far."""
+        raw = self.access_log.read_bytes()
+        return [strict_json(line) for line in raw[: raw.rfind(b"\n") + 1].splitlines()]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Nginx]]:
+    """gunicorn (2 workers, default settings) behind nginx, shared by this module's tests."""
+    tmp_path = tmp_path_factory.mktemp("nginx-stack")
+    server = Server(tmp_path, workers=2).start()
+    nginx = Nginx(tmp_path, server.port).start()
+    yield server, nginx
+    nginx.stop()
+    server.stop()
+
+
+def connect(port: int, source: str | None = None) -> http.client.HTTPConnection:
+    """A keep-alive HTTP/1.1 connection to a loopback port, from ``source`` if given."""
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0) if source else None)
+
+
+def request(
+    connection: http.client.HTTPConnection, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, http.client.HTTPResponse, Any]:
+    """POST /api/analytics on ``connection``; status, response (headers, will_close) and JSON body."""
+    connection.request("POST", "/api/analytics", body, {"Content-Type": "application/json", **(headers or {})})
+    response = connection.getresponse()
+    return response.status, response, json.loads(response.read())
+
+
+def events_body(tag: str, count: int = 1, pad_to: int | None = None) -> bytes:
+    """A valid batch of ``count`` events; with ``pad_to``, padded with JSON whitespace to exactly that many bytes."""
+    body = orjson.dumps({"events": [{"type": "via_nginx", "id": f"{tag}-{n}"} for n in range(count)]})
+    if pad_to is not None:
+        assert len(body) <= pad_to
+        body += b" " * (pad_to - len(body))
+    return body
+
+
+def logged(server: Server, event_id: str, timeout: float = 10) -> dict[str, Any]:
+    """The event line with ``event_id``, once it is on stdout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        # Only whole lines: a large batch may be half read from the pipe right now.
+        raw = bytes(server.stdout)
+        for line in raw[: raw.rfind(b"\n") + 1].splitlines():
+            event = strict_json(line)
+            if event.get("id") == event_id:
+                return event
+        time.sleep(0.02)
+    raise AssertionError(f"{event_id} not logged")
+
+
+def wait_for_access(nginx: Nginx, request_id: str, timeout: float = 10) -> dict[str, Any]:
+    """nginx's access log entry for ``request_id`` (nginx writes it once the response is sent)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entries = [entry for entry in nginx.access() if entry["request_id"] == request_id]
+        if entries:
+            assert len(entries) == 1
+            return entries[0]
+        time.sleep(0.02)
+    raise AssertionError(f"no access log entry for {request_id}")
+
+
+def chunked(body: bytes, size: int = 64 * 1024) -> Iterator[bytes]:
+    """The body in pieces, which http.client sends with Transfer-Encoding: chunked."""
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+TOO_LARGE = {"error": "Payload too large", "limit_bytes": LIMIT}
+
+
+@pytest.mark.parametrize(
+    ("body", "chunks", "status", "expected", "answered_by"),
+    [
+        pytest.param(
+            events_body("limit", 1000, LIMIT), False, 200, {"success": True, "received": 1000}, "200", id="at limit"
+        ),
+        pytest.param(
+            events_body("chunked", 3, LIMIT), True, 200, {"success": True, "received": 3}, "200", id="at limit chunked"
+        ),
+        pytest.param(events_body("over", 1, LIMIT + 1), False, 413, TOO_LARGE, "413", id="limit+1"),
+        pytest.param(events_body("overc", 1, LIMIT + 1), True, 413, TOO_LARGE, "413", id="limit+1 chunked"),
+        pytest.param(events_body("huge", 1, 3 * LIMIT), False, 413, TOO_LARGE, "", id="past nginx's backstop"),
+    ],
+)
+def test_body_limit_through_nginx(stack, body, chunks, status, expected, answered_by):
+    """Bodies up to MAX_BODY_BYTES pass nginx whole; over it, a JSON 413: the service's, or nginx's past 2 MiB."""
+    server, nginx = stack
+    connection = connect(nginx.port)
+    try:
+        got_status, response, got_body = request(connection, chunked(body) if chunks else body)
+    finally:
+        connection.close()
+    assert (got_status, got_body) == (status, expected)
+    assert response.headers["Content-Type"] == "application/json"
+    request_id = response.headers["X-Request-ID"]
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id)
+    # upstream_status is the service's answer, or empty when nginx answered on its own.
+    access = wait_for_access(nginx, request_id)
+    assert (access["status"], access["upstream_status"]) == (status, answered_by)
+    if status == 200:
+        assert logged(server, json.loads(body)["events"][-1]["id"])["request_id"] == request_id
+
+
+def test_keepalive_connection_serves_the_next_request_after_each_413(stack):
+    """One client connection through nginx: each 413 (body too large, too many events) is followed by a 200 on it."""
+    server, nginx = stack
+    connection = connect(nginx.port)
+    answers, sockets, closes, request_ids = [], [], [], []
+    try:
+        for body in [
+            events_body("ka-over", pad_to=LIMIT + 1),
+            events_body("ka-a"),
+            orjson.dumps({"events": [{"type": "t"}] * 1001}),
+            events_body("ka-b"),
+            events_body("ka-over2", pad_to=LIMIT + 64 * 1024),
+            events_body("ka-c"),
+            # Small on the wire, over the limit once inflated.
+            gzip.compress(events_body("ka-inflated", pad_to=LIMIT + 1)),
+            events_body("ka-d"),
+        ]:
+            headers = {"Content-Encoding": "gzip"} if body[:2] == b"\x1f\x8b" else {}
+            status, response, got = request(connection, body, headers)
+            answers.append((status, got))
+            closes.append(response.will_close)
+            request_ids.append(response.headers["X-Request-ID"])
+            sockets.append(connection.sock)
+    finally:
+        connection.close()
+    ok = {"success": True, "received": 1}
+    too_many = {"error": "Too many events", "limit_events": 1000}
+    assert answers == [(413, TOO_LARGE), (200, ok), (413, too_many), (200, ok)] + [(413, TOO_LARGE), (200, ok)] * 2
+    # http.client opens a new socket only when the last answer closed the connection.
+    assert closes == [False] * 8
+    assert len({id(sock) for sock in sockets}) == 1
+    for event_id in ("ka-a-0", "ka-b-0", "ka-c-0", "ka-d-0"):
+        logged(server, event_id)
+    # nginx agrees: the requests were one connection's 1st to 8th.
+    access = [wait_for_access(nginx, request_id) for request_id in request_ids]
+    assert len({entry["connection"] for entry in access}) == 1
+    assert [entry["connection_requests"] for entry in access] == list(range(1, 9))
+
+
+@pytest.fixture(scope="module")
+def untrusting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """gunicorn that trusts no proxy at all (ANALYTICS_TRUSTED_PROXIES='[]')."""
+    server = Server(tmp_path_factory.mktemp("untrusting"), workers=1, env={"ANALYTICS_TRUSTED_PROXIES": "[]"}).start()
+    yield server
+    server.stop()
+
+
+SPOOF = {"X-Request-ID": "chosen-by-client", "X-Forwarded-For": "203.0.113.9"}
+
+
+def test_client_address_and_request_id_come_from_nginx(stack):
+    """Through nginx, the event line carries the address nginx saw and nginx's request id, not what the client
+    claimed in X-Forwarded-For and X-Request-ID; the response's X-Request-ID is that same id."""
+    server, nginx = stack
+    connection = connect(nginx.port, source=OUTSIDER)
+    try:
+        status, response, body = request(connection, events_body("peer"), SPOOF)
+    finally:
+        connection.close()
+    assert (status, body) == (200, {"success": True, "received": 1})
+    line = logged(server, "peer-0")
+    request_id = response.headers["X-Request-ID"]
+    assert (line["client_ip"], line["request_id"]) == (OUTSIDER, request_id)
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id)
+    access = wait_for_access(nginx, request_id)
+    assert (access["remote_addr"], access["status"]) == (OUTSIDER, 200)
+
+
+@pytest.mark.parametrize(
+    ("which", "source", "believed"),
+    [
+        ("default settings", "127.0.0.1", True),
+        ("default settings", OUTSIDER, False),
+        ("TRUSTED_PROXIES=[]", "127.0.0.1", False),
+    ],
+)
+def test_forwarded_headers_believed_from_trusted_proxies_only(stack, untrusting, which, source, believed):
+    """Straight to gunicorn: X-Forwarded-For and X-Request-ID count only when the peer is in TRUSTED_PROXIES
+    (127.0.0.1 and ::1 by default, as nginx is); from anyone else the peer's own address and a new id are logged."""
+    server = stack[0] if which == "default settings" else untrusting
+    tag = f"direct-{which[:3]}-{source}"
+    connection = connect(server.port, source=source)
+    try:
+        status, response, body = request(connection, events_body(tag), SPOOF)
+    finally:
+        connection.close()
+    assert (status, body) == (200, {"success": True, "received": 1})
+    line = logged(server, f"{tag}-0")
+    assert line["request_id"] == response.headers["X-Request-ID"]
+    if believed:
+        assert (line["client_ip"], line["request_id"]) == ("203.0.113.9", "chosen-by-client")
+    else:
+        assert line["client_ip"] == source
+        assert line["request_id"] != "chosen-by-client"
+
+
+SLOW_CLIENTS = 6
+NORMAL_REQUESTS = 40
+
+
+def test_slow_clients_do_not_stall_others(stack):
+    """More clients than gunicorn has workers trickle their requests byte by byte through nginx; meanwhile other
+    clients' requests all complete, and the slow ones too once they finish sending."""
+    server, nginx = stack
+    uploads = [
+        SlowUpload(nginx.port, events_body(f"slow{n}", pad_to=2000), source=OUTSIDER) for n in range(SLOW_CLIENTS)
+    ]
+    headers_sent = threading.Barrier(SLOW_CLIENTS + 1, timeout=30)
+    others_done = threading.Event()
+    deadline = time.monotonic() + 20
+    answers: list[Any] = [None] * SLOW_CLIENTS
+
+    def trickle(index: int) -> None:
+        upload = uploads[index]
+        header_bytes = upload.data.index(b"\r\n\r\n") + 4
+        while upload.sent < header_bytes:
+            upload.send(1)
+            time.sleep(0.01)
+        headers_sent.wait()
+        # One byte at a time, until the others are done (bounded, so that a stall fails instead of hanging).
+        while not others_done.is_set() and time.monotonic() < deadline:
+            upload.send(1)
+            time.sleep(0.05)
+        answers[index] = upload.finish()[::2]
+
+    slow = [threading.Thread(target=trickle, args=(n,)) for n in range(SLOW_CLIENTS)]
+    for thread in slow:
+        thread.start()
+    headers_sent.wait()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        others = list(pool.map(lambda n: send(nginx.port, events_body(f"fast{n}"))[::2], range(NORMAL_REQUESTS)))
+    unfinished = [not upload.done for upload in uploads]
+    others_done.set()
+    for thread in slow:
+        thread.join(30)
+
+    assert others == [(200, {"success": True, "received": 1})] * NORMAL_REQUESTS
+    assert unfinished == [True] * SLOW_CLIENTS, "the other requests waited for the slow ones"
+    assert answers == [(200, {"success": True, "received": 1})] * SLOW_CLIENTS
+    for n in range(SLOW_CLIENTS):
+        assert logged(server, f"slow{n}-0")["client_ip"] == OUTSIDER
+
+
+def test_backend_down_is_a_json_503(tmp_path):
+    """With gunicorn not running, nginx answers 503 with a JSON body, Retry-After and a request id."""
+    nginx = Nginx(tmp_path, free_port()).start()
+    try:
+        connection = connect(nginx.port)
+        status, response, body = request(connection, events_body("down"))
+        connection.close()
+    finally:
+        nginx.stop()
+    assert (status, body) == (503, {"error": "Service unavailable"})
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.headers["Retry-After"] == "5"
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])
