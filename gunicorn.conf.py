@@ -16,5 +16,7 @@ timeout = 30
 graceful_timeout = 25
 # gunicorn's own lines are JSON on stderr, like the service's diagnostics.
 logconfig_dict = gunicorn_logconfig()
+# ... and its access log only with --access-logfile (then JSON on stderr too).
+logger_class = "analytics.logs.GunicornLogger"
 # gunicorn's control socket is not used here, and one per host clashes between instances.
 control_socket_disable = True

@@ -107,20 +107,24 @@ def compile_loader(schema: Schema, whole: Callable[[dict], bool] | None = None) 
     the schemas that have one. Unknown keys always defer, whatever the schema's
     unknown policy, so marshmallow applies it.
     """
-    checks = {(field.data_key or name): (name, _field_check(field)) for name, field in schema.load_fields.items()}
-    required = frozenset(key for key, (name, _) in checks.items() if schema.load_fields[name].required)
+    checks = {}
+    for name, field in schema.load_fields.items():
+        if field.data_key not in (None, name):
+            raise TypeError(f"fastload cannot derive a loader for {name!r}: its data_key differs")
+        checks[name] = _field_check(field)
+    required = frozenset(name for name, field in schema.load_fields.items() if field.required)
     known = frozenset(checks)
 
     def load(raw: Any) -> dict | None:
         if type(raw) is not dict or not required <= raw.keys() or not raw.keys() <= known:
             return None
-        loaded = {}
+        loaded = dict(raw)
         for key, value in raw.items():
-            name, check = checks[key]
-            result = check(value)
-            if result is DEFER:
-                return None
-            loaded[name] = result
+            result = checks[key](value)
+            if result is not value:
+                if result is DEFER:
+                    return None
+                loaded[key] = result
         if whole is not None and not whole(raw):
             return None
         return loaded

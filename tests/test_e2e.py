@@ -106,3 +106,22 @@ def test_only_json_on_both_streams(start_server):
     messages = [line["event"] for line in diagnostics]
     assert any(message.startswith("Listening at:") for message in messages)
     assert "Shutting down: Master" in messages
+
+
+def test_access_log_only_when_asked(start_server):
+    """gunicorn's access log is off by default and, with --access-logfile, JSON on stderr with the request id."""
+    quiet = start_server(workers=1)
+    loud = start_server(workers=1, env={"GUNICORN_CMD_ARGS": "--access-logfile -"})
+    for server in (quiet, loud):
+        status, headers, _ = server.post("/api/analytics", b'{"events": []}')
+        assert status == 200
+        server.stop()
+        diagnostics = [strict_json(line) for line in server.stderr_path.read_bytes().splitlines()]
+        access = [line for line in diagnostics if line.get("logger") == "gunicorn.access"]
+        if server is quiet:
+            assert access == []
+        else:
+            # The start-up check's GET /healthz, then the POST.
+            assert len(access) == 2 and '"POST /api/analytics HTTP/1.1" 200' in access[1]["event"]
+            assert access[1]["request_id"] == headers["X-Request-ID"]
+        assert server.lines() == []
