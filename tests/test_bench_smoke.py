@@ -129,22 +129,24 @@ def test_wrk_script_posts_the_body_file() -> None:
 
 
 def test_profile_summary_charges_owners() -> None:
-    """orjson below our code is orjson's, a poll is waiting, anything else belongs to the innermost Python frame."""
+    """orjson below our code is orjson's, a poll or a lock is waiting, the rest is the innermost Python frame's."""
     entry = "<module> (gunicorn:8);Arbiter.run (gunicorn/arbiter.py:247);wsgi_app (flask/app.py:1511)"
     raw = "\n".join(
         [
             f"{entry};write (analytics/eventlog.py:80);dumps (orjson/orjson.cpython-311-x86_64-linux-gnu.so) 6",
             f"{entry};load (marshmallow/schema.py:700);unicode_new (libpython3.11.so.1.0) 3",
             f"{entry};SocketUnreader.chunk (gunicorn/http/unreader.py:100);recv (libc.so.6);poll (libc.so.6) 1",
+            f"{entry};emit (logging/__init__.py:927);PyThread_acquire_lock_timed (libpython3.11.so.1.0) 2",
         ]
     )
     summary = profiles.summarize(profiles.parse_raw(raw))
-    assert summary.samples == 10
-    assert dict(summary.owners) == {"orjson": 6, "marshmallow": 3, "waiting in poll()": 1}
-    assert summary.inclusive_owners["flask"] == 10
+    assert (summary.samples, summary.on_cpu) == (12, 9)
+    assert dict(summary.waits) == {"poll (socket or select)": 1, "lock": 2}
+    assert dict(summary.owners) == {"orjson": 6, "marshmallow": 3}
+    assert summary.inclusive_owners["flask"] == 9
     assert summary.inclusive_owners["service code"] == 6
     assert summary.self_lines == {"analytics/eventlog.py:80 write": 6}
-    assert "orjson 60.0%" in profiles.report("sample", summary)
+    assert "orjson 66.7%" in profiles.report("sample", summary)
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
