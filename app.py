@@ -6,9 +6,9 @@ from typing import Any
 
 import structlog
 from flask import Flask, Response, g, request
-from flask_cors import CORS
 
 from analytics import api, client, openapi
+from analytics.cors import register_cors
 from analytics.errors import register_error_handlers
 from analytics.eventlog import EventLog, LockedWriter
 from analytics.ingest import Ingestor
@@ -48,13 +48,7 @@ def register_extensions(app: Flask) -> None:
     writer = LockedWriter(STDOUT, timeout=app.config["LOG_WRITE_TIMEOUT"])
     app.extensions["analytics"] = Ingestor(app.config, EventLog(writer))
     app.extensions["peers"] = Peers(app.config["TRUSTED_PROXIES"])
-    CORS(
-        app,
-        resources={r"/api/*": {"origins": app.config["CORS_ORIGINS"]}},
-        supports_credentials=False,
-        expose_headers=["X-Request-ID", "Retry-After"],
-        max_age=86400,
-    )
+    register_cors(app, app.config["CORS_ORIGINS"])
 
 
 def register_request_hooks(app: Flask) -> None:

@@ -410,26 +410,40 @@ def test_cors_preflight_and_headers(client):
         headers={
             "Origin": "https://shop.example",
             "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "content-type",
+            "Access-Control-Request-Headers": "content-type, content-encoding",
         },
     )
-    assert preflight.status_code == 204
-    assert preflight.data == b""
-    assert preflight.headers["Access-Control-Allow-Origin"] in ("*", "https://shop.example")
-    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    assert (preflight.status_code, preflight.data) == (204, b"")
+    assert preflight.headers["Access-Control-Allow-Origin"] == "*"
+    assert preflight.headers["Access-Control-Allow-Methods"] == "OPTIONS, POST"
+    assert preflight.headers["Access-Control-Allow-Headers"] == "content-type, content-encoding"
+    assert preflight.headers["Access-Control-Max-Age"] == "86400"
     assert "Access-Control-Allow-Credentials" not in preflight.headers
     response = post(client, {"events": []}, headers={"Origin": "https://shop.example"})
     assert (response.status_code, response.json) == (200, {"success": True, "received": 0})
-    assert response.headers["Access-Control-Allow-Origin"] in ("*", "https://shop.example")
-    assert "X-Request-ID" in response.headers["Access-Control-Expose-Headers"]
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert response.headers["Access-Control-Expose-Headers"] == "X-Request-ID, Retry-After"
+    assert "Access-Control-Allow-Credentials" not in response.headers
+
+
+def test_no_cors_headers_without_an_origin_or_outside_the_api(client):
+    """Server-to-server requests carry no Origin and get no CORS headers; nor do paths outside /api/."""
+    response = post(client, {"events": []})
+    assert (response.status_code, response.json) == (200, {"success": True, "received": 0})
+    assert not [name for name in response.headers.keys() if name.startswith("Access-Control-")]
+    health = client.get("/healthz", headers={"Origin": "https://shop.example"})
+    assert (health.status_code, health.json) == (200, {"status": "ok"})
+    assert "Access-Control-Allow-Origin" not in health.headers
 
 
 def test_cors_origins_setting():
-    """With CORS_ORIGINS listed, other origins get no CORS headers (the browser then blocks them)."""
+    """With CORS_ORIGINS listed, those origins are named (and Vary says so); others get no CORS headers."""
     client = create_app({"TESTING": True, "CORS_ORIGINS": ["https://shop.example"]}).test_client()
     allowed = post(client, {"events": []}, headers={"Origin": "https://shop.example"})
     other = post(client, {"events": []}, headers={"Origin": "https://evil.example"})
+    assert (allowed.status_code, other.status_code) == (200, 200)
     assert allowed.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+    assert "Origin" in allowed.headers["Vary"]
     assert "Access-Control-Allow-Origin" not in other.headers
 
 
