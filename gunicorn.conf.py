@@ -8,7 +8,10 @@ from analytics.logs import gunicorn_logconfig
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 # Platforms size this in $WEB_CONCURRENCY; two per core suits a CPU-bound sync app.
 workers = int(os.environ.get("WEB_CONCURRENCY", 2 * (os.cpu_count() or 1)))
-# Sync workers: see the README's Performance section for the measurement behind this.
+# Sync workers, measured against gthread (bench/run.py --service sync --service gthread:4):
+# the same CPU per request with keep-alive, more without it or at 100 events (gthread's
+# event loop and the GIL), and memory growing with threads. nginx in front buffers slow
+# clients, which is what threads would otherwise be for. README, "Worker class".
 worker_class = "sync"
 # A request stuck longer than this (a blocked stdout, say) gets its worker replaced.
 timeout = 30

@@ -4,7 +4,7 @@ import ipaddress
 import itertools
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from functools import lru_cache
 
 from flask import Request
@@ -14,18 +14,23 @@ REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
 class RequestIds:
-    """New request ids: a random prefix per process and a counter, unique without a syscall each."""
+    """New request ids: a random prefix per process and a counter, unique without a system call each."""
 
     def __init__(self) -> None:
-        self._state: tuple[int, str, Iterator[int]] = (-1, "", itertools.count())
+        self._reset()
+        # A forked worker must not repeat its parent's ids (gunicorn's --preload forks a built app).
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        # One tuple, swapped whole, so that threads never see half of it.
+        self._state = (os.urandom(8).hex(), itertools.count())
 
     def new(self) -> str:
-        # Checked each time, so that processes forked after the first id get a prefix of their own.
-        # One tuple, swapped whole, so threads never see a half-made state.
-        pid, prefix, counter = self._state
-        if pid != os.getpid():
-            pid, prefix, counter = self._state = (os.getpid(), os.urandom(8).hex(), itertools.count())
+        prefix, counter = self._state
         return f"{prefix}{next(counter):016x}"
+
+
+REQUEST_IDS = RequestIds()
 
 
 class Peers:
@@ -34,7 +39,6 @@ class Peers:
     def __init__(self, trusted: Iterable[str]) -> None:
         self._networks = tuple(ipaddress.ip_network(entry, strict=False) for entry in trusted)
         self.is_trusted = lru_cache(maxsize=1024)(self._is_trusted)
-        self._ids = RequestIds()
 
     def _is_trusted(self, address: str) -> bool:
         try:
@@ -61,4 +65,4 @@ class Peers:
         if incoming and request.remote_addr and self.is_trusted(request.remote_addr):
             if REQUEST_ID_PATTERN.fullmatch(incoming):
                 return incoming
-        return self._ids.new()
+        return REQUEST_IDS.new()

@@ -17,6 +17,8 @@ def parse_timestamp(value: object) -> datetime:
     try:
         if isinstance(value, str):
             parsed = datetime.fromisoformat(value)
+            if parsed.tzinfo is UTC:  # "Z", what browsers send: nothing to convert
+                return parsed
             if parsed.tzinfo is None:
                 return parsed.replace(tzinfo=UTC)
             return parsed.astimezone(UTC)

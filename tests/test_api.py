@@ -546,13 +546,26 @@ def test_settings_from_environment(monkeypatch):
     assert (response.status_code, response.json) == (413, {"error": "Too many events", "limit_events": 2})
 
 
+class SocketBody:
+    """wsgi.input as gunicorn makes it: reads straight from the client's socket until it has ``size`` bytes."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def read(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size and (chunk := self.sock.recv(size - len(data))):
+            data += chunk
+        return data
+
+
 def stalled_body_request(client: FlaskClient) -> Any:
     """POST through a real socket whose peer sends 10 of the 100 bytes it announced, then goes quiet."""
     server_end, client_end = socket.socketpair()
     with server_end, client_end:
         client_end.sendall(b'{"events":')
         environ = {
-            "wsgi.input": server_end.makefile("rb"),
+            "wsgi.input": SocketBody(server_end),
             "gunicorn.socket": server_end,
             "wsgi.input_terminated": True,
             "CONTENT_LENGTH": "100",
@@ -573,7 +586,7 @@ def test_body_shorter_than_its_content_length_is_400(client, capfd):
     with server_end:
         client_end.sendall(b'{"events": [{"type": "cut"}]}')
         client_end.close()
-        environ = {"wsgi.input": server_end.makefile("rb"), "wsgi.input_terminated": True, "CONTENT_LENGTH": "1000"}
+        environ = {"wsgi.input": SocketBody(server_end), "wsgi.input_terminated": True, "CONTENT_LENGTH": "1000"}
         response = client.post("/api/analytics", environ_overrides=environ)
     assert (response.status_code, response.json) == (400, {"error": "Invalid JSON"})
     assert event_lines(capfd) == []

@@ -1,5 +1,6 @@
 """Pieces of the event log that the end-to-end tests reach only at their edges."""
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -27,3 +28,19 @@ def test_request_ids_are_unique_across_threads():
     every = [request_id for batch in batches for request_id in batch]
     assert len(set(every)) == len(every) == 16000
     assert {len(request_id) for request_id in every} == {32}
+
+
+def test_forked_process_gets_its_own_request_ids():
+    """A worker forked from a process that already made ids (gunicorn --preload) does not repeat them."""
+    ids = RequestIds()
+    parent = ids.new()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its first id and leave at once
+        os.write(write_end, ids.new().encode())
+        os._exit(0)
+    os.close(write_end)
+    child = os.read(read_end, 100).decode()
+    os.waitpid(pid, 0)
+    os.close(read_end)
+    assert len(child) == 32 and child[:16] != parent[:16]
