@@ -58,11 +58,12 @@ def register_request_hooks(app: Flask) -> None:
 
     @app.before_request
     def identify_request() -> None:
-        request_id = peers.request_id(request)
+        request_id, client_ip = peers.identify(request.environ)
         # What every event line of this request carries besides the event.
-        g.event_context = {"received_at": datetime.now(UTC), "request_id": request_id}
+        context = {"received_at": datetime.now(UTC), "request_id": request_id}
         if log_client_ip:
-            g.event_context["client_ip"] = peers.client_address(request)
+            context["client_ip"] = client_ip
+        g.event_context = context
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
 

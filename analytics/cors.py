@@ -24,7 +24,7 @@ def register_cors(app: Flask, origins: str | Iterable[str], prefix: str = "/api/
 
     @app.after_request
     def add_cors_headers(response: Response) -> Response:
-        origin = request.headers.get("Origin")
+        origin = request.environ.get("HTTP_ORIGIN")
         if origin is None or not request.path.startswith(prefix):
             return response
         if any_origin:

@@ -3,6 +3,7 @@
 from typing import Any
 
 import orjson
+from flask import Response
 from flask.json.provider import JSONProvider
 
 
@@ -14,3 +15,9 @@ class OrjsonProvider(JSONProvider):
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
         return orjson.loads(s)
+
+    def response(self, *args: Any, **kwargs: Any) -> Response:
+        # orjson's bytes go straight into the body, without a round trip through str.
+        return self._app.response_class(
+            orjson.dumps(self._prepare_response_obj(args, kwargs)), mimetype="application/json"
+        )

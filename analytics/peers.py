@@ -7,8 +7,6 @@ import re
 from collections.abc import Iterable
 from functools import lru_cache
 
-from flask import Request
-
 # A proxy's X-Request-ID is taken only if it looks like an id, not like an attack on log readers.
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
@@ -47,22 +45,23 @@ class Peers:
             return False
         return any(ip in network for network in self._networks)
 
-    def client_address(self, request: Request) -> str | None:
-        """The nearest address in X-Forwarded-For that is not a trusted proxy of ours."""
-        address = request.remote_addr
-        forwarded = request.headers.get("X-Forwarded-For")
-        if not forwarded or not address or not self.is_trusted(address):
-            return address
-        for hop in reversed(forwarded.split(",")):
-            address = hop.strip()
+    def identify(self, environ: dict) -> tuple[str, str | None]:
+        """The request's id and its client's address, believing forwarded headers from trusted proxies only.
+
+        The id is the trusted proxy's X-Request-ID where it sent a sane one, else a
+        new one; the address is the nearest one in X-Forwarded-For that is not a
+        trusted proxy of ours. Read from the WSGI environ: this runs on every request.
+        """
+        address = environ.get("REMOTE_ADDR")
+        if not address or not self.is_trusted(address):
+            return REQUEST_IDS.new(), address
+        incoming = environ.get("HTTP_X_REQUEST_ID")
+        request_id = incoming if incoming and REQUEST_ID_PATTERN.fullmatch(incoming) else REQUEST_IDS.new()
+        for hop in reversed(environ.get("HTTP_X_FORWARDED_FOR", "").split(",")):
+            hop = hop.strip()
+            if not hop:
+                break
+            address = hop
             if not self.is_trusted(address):
                 break
-        return address
-
-    def request_id(self, request: Request) -> str:
-        """The trusted proxy's X-Request-ID where it sent a sane one, else a new id."""
-        incoming = request.headers.get("X-Request-ID")
-        if incoming and request.remote_addr and self.is_trusted(request.remote_addr):
-            if REQUEST_ID_PATTERN.fullmatch(incoming):
-                return incoming
-        return REQUEST_IDS.new()
+        return request_id, address
