@@ -15,7 +15,7 @@ from analytics.ingest import Ingestor
 from analytics.jsonprovider import OrjsonProvider
 from analytics.logs import configure_logging
 from analytics.peers import Peers
-from config import Config
+from config import Config, check_settings
 
 STDOUT = 1
 
@@ -36,11 +36,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
 
 def load_config(app: Flask, config: Mapping[str, Any] | None) -> None:
-    """Defaults from config.py, then ANALYTICS_* variables, then the caller's mapping."""
+    """Defaults from config.py, then ANALYTICS_* variables, then the caller's mapping; then checked."""
     app.config.from_object(Config)
     app.config.from_prefixed_env("ANALYTICS")
     if config:
         app.config.update(config)
+    check_settings(app.config)
 
 
 def register_extensions(app: Flask) -> None:

@@ -44,3 +44,30 @@ class Config:
     LOG_WRITE_TIMEOUT = 5.0
     # Put the client's address on each event line.
     LOG_CLIENT_IP = True
+
+
+def check_settings(settings: dict) -> None:
+    """Check every setting's type, in place, so that a mistyped environment variable stops the start.
+
+    ``from_prefixed_env`` keeps a value that is not JSON as a string: a list
+    setting written ``password,token`` would otherwise be taken letter by
+    letter, and redaction would silently stop. Such lists are split on commas.
+    """
+    for name in ("MAX_BODY_BYTES", "MAX_EVENTS", "MAX_EVENT_BYTES"):
+        value = settings[name]
+        if type(value) is not int or value < 1:
+            raise ValueError(f"{name} must be a positive integer, not {value!r}")
+    for name in ("LOG_WRITE_TIMEOUT", "BODY_READ_TIMEOUT"):
+        value = settings[name]
+        if type(value) not in (int, float) or value <= 0:
+            raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+    if type(settings["LOG_CLIENT_IP"]) is not bool:
+        raise ValueError(f"LOG_CLIENT_IP must be true or false, not {settings['LOG_CLIENT_IP']!r}")
+    for name in ("REDACT_KEYS", "TRUSTED_PROXIES", "CORS_ORIGINS"):
+        value = settings[name]
+        if name == "CORS_ORIGINS" and value == "*":
+            continue
+        if isinstance(value, str):
+            value = settings[name] = [item.strip() for item in value.split(",") if item.strip()]
+        if not isinstance(value, list | tuple) or not all(isinstance(item, str) for item in value):
+            raise ValueError(f"{name} must be a list of strings (a JSON array, or comma-separated), not {value!r}")

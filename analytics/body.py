@@ -10,6 +10,7 @@ from typing import IO, Any
 
 import orjson
 from flask import Request
+from gunicorn.http.errors import ParseException
 
 from analytics.errors import ApiError
 
@@ -21,6 +22,11 @@ DRAIN_BYTES = 16 * 1024 * 1024
 GZIP_WBITS = 16 + zlib.MAX_WBITS
 
 
+def invalid_json() -> ApiError:
+    """The 400 for a body that is not a complete JSON text."""
+    return ApiError(400, "Invalid JSON")
+
+
 def too_large(limit: int) -> ApiError:
     """The 413 for a body over ``limit`` bytes."""
     return ApiError(413, "Payload too large", limit_bytes=limit)
@@ -29,8 +35,11 @@ def too_large(limit: int) -> ApiError:
 def _drain(stream: IO[bytes]) -> None:
     """Read and discard what is left of the body, up to DRAIN_BYTES."""
     left = DRAIN_BYTES
-    while left > 0 and (chunk := stream.read(min(CHUNK_BYTES, left))):
-        left -= len(chunk)
+    try:
+        while left > 0 and (chunk := stream.read(min(CHUNK_BYTES, left))):
+            left -= len(chunk)
+    except (OSError, ParseException):
+        pass  # the rest of a body already refused is broken too: the 413 stands
 
 
 def _read_bounded(stream: IO[bytes], limit: int) -> bytes:
@@ -53,12 +62,12 @@ def _gunzip(data: bytes, limit: int) -> bytes:
         # max_length caps the output, so a bomb never inflates past the limit.
         out = inflater.decompress(data, limit + 1)
     except zlib.error as error:
-        raise ApiError(400, "Invalid JSON") from error
+        raise invalid_json() from error
     if len(out) > limit:
         raise too_large(limit)
     if not inflater.eof or inflater.unused_data:
         # Truncated stream, or bytes after its end.
-        raise ApiError(400, "Invalid JSON")
+        raise invalid_json()
     return out
 
 
@@ -86,6 +95,9 @@ def _read_timeout(request: Request, seconds: float) -> Iterator[None]:
     except (TimeoutError, BlockingIOError) as error:
         # A blocking socket past SO_RCVTIMEO fails with EAGAIN, which Python raises as BlockingIOError.
         raise ApiError(408, "Request timeout") from error
+    except (OSError, ParseException) as error:
+        # A malformed chunk, or the client gone mid-body: gunicorn raises these as the app reads.
+        raise invalid_json() from error
 
 
 def _read(request: Request, limit: int) -> bytes:
@@ -101,7 +113,7 @@ def _read(request: Request, limit: int) -> bytes:
     body = stream.read(length)
     if len(body) < length:
         # The client closed early: RFC 9112 calls such a message incomplete.
-        raise ApiError(400, "Invalid JSON")
+        raise invalid_json()
     return body
 
 
@@ -119,4 +131,4 @@ def read_json(request: Request, limit: int, timeout: float) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as error:
-        raise ApiError(400, "Invalid JSON") from error
+        raise invalid_json() from error

@@ -33,6 +33,8 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         servers.append(server)
         return server
 
-    yield start
-    for server in servers:
-        server.stop()
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()

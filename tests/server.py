@@ -235,7 +235,13 @@ class Server:
         self.resume_stdout()
         if self.process.poll() is None:
             self.process.send_signal(sig)
-        code = self.process.wait(timeout)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # Never leave a gunicorn behind: the test fails, but the machine stays clean.
+            self.process.kill()
+            self.process.wait()
+            raise
         self._reader.join(timeout)
         return code
 

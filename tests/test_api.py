@@ -491,16 +491,21 @@ def broken_stdout(capfd):
     os.close(saved)
 
 
+def fill_pipe(fd: int) -> None:
+    """Write to the pipe ``fd`` until it takes no more."""
+    os.set_blocking(fd, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(fd, b"x" * 4096)
+    os.set_blocking(fd, True)
+
+
 @pytest.fixture
 def full_stdout(capfd):
     """fd 1 is a pipe nobody reads, already full: writing would block forever."""
     saved = os.dup(1)
     read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            os.write(write_end, b"x" * 4096)
-    os.set_blocking(write_end, True)
+    fill_pipe(write_end)
     os.dup2(write_end, 1)
     os.close(write_end)
     yield
@@ -510,9 +515,18 @@ def full_stdout(capfd):
 
 
 @pytest.mark.parametrize("stdout", ["broken_stdout", "full_stdout"])
-def test_log_write_failure_is_500(request, stdout):
-    """When the event log cannot take the batch, the client is told to retry instead of getting a 200."""
+@pytest.mark.parametrize("seen_as", ["pipe", "file"])
+def test_log_write_failure_is_500(request, stdout, seen_as):
+    """When the event log cannot take the batch, the client is told to retry instead of getting a 200.
+
+    The writer looks at stdout once, when the app is built: built after the
+    fixture it sees the pipe (and waits for room), before it, pytest's file (and polls).
+    """
+    if seen_as == "pipe":
+        request.getfixturevalue(stdout)
     client = create_app({"LOG_WRITE_TIMEOUT": 0.2}).test_client()
+    if seen_as == "pipe" and stdout == "full_stdout":
+        fill_pipe(1)  # the writer grew the pipe when the app was built: fill the new room too
     with capture_logs() as logs:
         request.getfixturevalue(stdout)
         response = post(client, ONE)
@@ -573,11 +587,12 @@ def stalled_body_request(client: FlaskClient) -> Any:
         return client.post("/api/analytics", environ_overrides=environ)
 
 
-def test_stalled_body_is_408():
+def test_stalled_body_is_408(capfd):
     """A body that stops arriving for BODY_READ_TIMEOUT is a JSON 408, and nothing is written."""
     client = create_app({"TESTING": True, "BODY_READ_TIMEOUT": 0.2}).test_client()
     response = stalled_body_request(client)
     assert (response.status_code, response.json) == (408, {"error": "Request timeout"})
+    assert event_lines(capfd) == []
 
 
 def test_body_shorter_than_its_content_length_is_400(client, capfd):

@@ -1,11 +1,17 @@
 """The factory: defaults, then the environment, then the caller's mapping."""
 
+import os
+
+import pytest
+
 from app import create_app
 from config import Config
 
 
-def test_defaults():
+def test_defaults(monkeypatch):
     """Without overrides the app runs on config.py's defaults."""
+    for name in [name for name in os.environ if name.startswith("ANALYTICS_")]:
+        monkeypatch.delenv(name)
     app = create_app()
     assert not app.testing
     assert app.config["MAX_BODY_BYTES"] == Config.MAX_BODY_BYTES == 1024 * 1024
@@ -26,3 +32,39 @@ def test_wsgi_module_exposes_the_app():
 
     response = wsgi.app.test_client().get("/healthz")
     assert (response.status_code, response.json) == (200, {"status": "ok"})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "setting", "expected"),
+    [
+        ("ANALYTICS_REDACT_KEYS", "password, token", "REDACT_KEYS", ["password", "token"]),
+        ("ANALYTICS_REDACT_KEYS", '["email"]', "REDACT_KEYS", ["email"]),
+        ("ANALYTICS_TRUSTED_PROXIES", "10.0.0.1,10.0.0.2", "TRUSTED_PROXIES", ["10.0.0.1", "10.0.0.2"]),
+        ("ANALYTICS_CORS_ORIGINS", "https://shop.example", "CORS_ORIGINS", ["https://shop.example"]),
+        ("ANALYTICS_CORS_ORIGINS", "*", "CORS_ORIGINS", "*"),
+        ("ANALYTICS_LOG_CLIENT_IP", "false", "LOG_CLIENT_IP", False),
+        ("ANALYTICS_BODY_READ_TIMEOUT", "2", "BODY_READ_TIMEOUT", 2),
+    ],
+)
+def test_environment_values_are_read_as_meant(monkeypatch, variable, value, setting, expected):
+    """Lists may be JSON arrays or comma-separated; JSON scalars keep their type."""
+    monkeypatch.setenv(variable, value)
+    assert create_app({"TESTING": True}).config[setting] == expected
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("ANALYTICS_LOG_CLIENT_IP", "False"),
+        ("ANALYTICS_MAX_EVENTS", "lots"),
+        ("ANALYTICS_MAX_BODY_BYTES", "0"),
+        ("ANALYTICS_LOG_WRITE_TIMEOUT", "-1"),
+        ("ANALYTICS_REDACT_KEYS", "[1, 2]"),
+        ("ANALYTICS_TRUSTED_PROXIES", '{"a": 1}'),
+    ],
+)
+def test_mistyped_settings_stop_the_start(monkeypatch, variable, value):
+    """A setting of the wrong type is an error naming it, not a service quietly doing something else."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=variable.removeprefix("ANALYTICS_")):
+        create_app()

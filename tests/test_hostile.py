@@ -429,3 +429,25 @@ def test_content_length_longer_then_half_closed(gunicorn):
     assert closed
     assert (status, strict_json(answer)) == INVALID_JSON
     assert_only_marker_follows(gunicorn, before)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"zz\r\n{}\r\n0\r\n\r\n", id="bad-chunk-size"),
+        pytest.param(b'5\r\n{"eve\r\n', id="client-gone-mid-chunked-body"),
+        pytest.param(b'1e\r\n{"events": [{"type": "x"}]}XX0\r\n\r\n', id="chunk-missing-terminator"),
+    ],
+)
+def test_broken_chunked_body_is_400(gunicorn, body):
+    """A malformed chunked body, or one the client abandons, is the client's fault: a JSON 400, nothing written."""
+    before = gunicorn.stdout.count(b"\n")
+    with socket.create_connection(("127.0.0.1", gunicorn.port), timeout=10) as sock:
+        sock.sendall(request_head("Transfer-Encoding: chunked") + body)
+        sock.shutdown(socket.SHUT_WR)
+        raw, closed = read_until_closed(sock, 10)
+    status, headers, answer = parse_response(raw)
+    assert closed
+    assert (status, strict_json(answer)) == INVALID_JSON
+    assert headers["content-type"] == "application/json"
+    assert_only_marker_follows(gunicorn, before)
