@@ -201,6 +201,6 @@ class EventLog:
         )
 
     def write(self, events: list[dict[str, Any]], **context: Any) -> None:
-        """Write one line per event, carrying ``context``; raise LogWriteError if nothing could be."""
+        """Write one line per event, carrying ``context``; raise LogWriteError if they could not all be."""
         # Only the request's keys go on event lines, not every context variable.
         self._logger.info("events", events=events, **context)

@@ -306,7 +306,11 @@ def _ingest_operations(config: Mapping[str, Any]) -> dict[str, Any]:
                     _one_of("PayloadTooLarge", "TooManyEvents"),
                 ),
                 "415": _response("A Content-Encoding other than gzip or identity.", "UnsupportedEncoding"),
-                "500": _response("A fault of ours (the event log failed): nothing was written; retry.", "ServerError"),
+                "500": _response(
+                    "A fault of ours (the event log failed): nothing was written (or, for a batch larger than the "
+                    "stdout pipe, some whole lines, which a retry repeats: deduplicate on id); retry.",
+                    "ServerError",
+                ),
             },
         },
         "options": {

@@ -287,7 +287,8 @@ def test_broken_gzip(client, capfdbinary, body, status, answer):
 
 # --- real gunicorn over a raw socket ----------------------------------------------------------------
 
-# gunicorn's worker timeout, lowered from the production 30 s so that the held-open case ends soon.
+# gunicorn's worker timeout, lowered from the production 30 s: a backstop above BODY_READ_TIMEOUT (1 s here),
+# so that a case the service failed to end itself would still end soon, as a failure.
 WORKER_TIMEOUT = 4
 
 
@@ -404,7 +405,7 @@ def held_open(gunicorn: Server) -> tuple[bytes, bool, float]:
 
 
 def test_content_length_longer_held_open_does_not_hang(gunicorn, held_open):
-    """The server ends the exchange by itself (gunicorn's worker timeout), and then serves requests again."""
+    """The server ends the exchange by itself (BODY_READ_TIMEOUT's 408), and then serves requests again."""
     raw, closed, elapsed = held_open
     assert closed, f"no end after {elapsed:.1f} s"
     assert gunicorn.post("/api/analytics", batch(b'{"type":"after"}'))[::2] == (200, {"success": True, "received": 1})
