@@ -8,6 +8,7 @@ goes back to marshmallow, which decides and explains. The hypothesis tests in
 tests/test_fastload.py check that the two agree on arbitrary input.
 """
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -23,19 +24,17 @@ FieldCheck = Callable[[Any], Any]
 
 def _string_check(field: fields.String) -> FieldCheck:
     """Accept a str whose length is within the field's Length validators (and None where allowed)."""
-    low, high = 0, None
+    low, high = 0, sys.maxsize
     for validator in field.validators:
         if not isinstance(validator, validate.Length) or validator.equal is not None:
             raise TypeError(f"fastload cannot derive a check for validator {validator!r}")
         low = max(low, validator.min or 0)
-        if validator.max is not None:
-            high = validator.max if high is None else min(high, validator.max)
-
+        high = min(high, sys.maxsize if validator.max is None else validator.max)
     allow_none = field.allow_none
 
     def check(value: Any) -> Any:
         if type(value) is str:
-            return value if low <= len(value) and (high is None or len(value) <= high) else DEFER
+            return value if low <= len(value) <= high else DEFER
         return None if value is None and allow_none else DEFER
 
     return check
