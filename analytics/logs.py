@@ -42,7 +42,9 @@ def configure_logging() -> None:
     structlog.configure(
         processors=[*_SHARED, structlog.processors.format_exc_info, _renderer()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write() per line, newline included: print() writes the newline apart, and with
+        # PYTHONUNBUFFERED (common on platforms) two workers' lines could then run together.
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
     )
 
 
