@@ -18,6 +18,9 @@ CHUNK_BYTES = 64 * 1024
 # After a 413 this much more of the body is read and thrown away, so that the
 # client, still sending, reads our answer instead of a reset connection.
 DRAIN_BYTES = 16 * 1024 * 1024
+# Content-Encoding values, as lower-cased; "x-gzip" is gzip's old name (RFC 9110).
+GZIP = ("gzip", "x-gzip")
+IDENTITY = ("identity", "")
 # gzip's own header framing; 16 + MAX_WBITS tells zlib to expect it.
 GZIP_WBITS = 16 + zlib.MAX_WBITS
 
@@ -120,11 +123,11 @@ def _read(request: Request, limit: int) -> bytes:
 def read_json(request: Request, limit: int, timeout: float) -> Any:
     """Parse the body as JSON whatever the Content-Type says; raise ApiError if that cannot be done."""
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("identity", "gzip", "x-gzip", ""):
+    if encoding not in GZIP and encoding not in IDENTITY:
         raise ApiError(415, "Unsupported Content-Encoding", supported=["gzip", "identity"])
     with _read_timeout(request, timeout):
         body = _read(request, limit)
-    if encoding != "identity" and encoding != "":
+    if encoding in GZIP:
         body = _gunzip(body, limit)
     # RFC 8259 lets a parser ignore a byte order mark; orjson refuses one.
     body = body.removeprefix(codecs.BOM_UTF8)

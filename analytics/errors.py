@@ -27,6 +27,7 @@ def error_response(status: int, message: str, **extra: Any) -> Response:
 
 
 def _handle_api_error(error: ApiError) -> Response:
+    """A refusal the service decided on, anywhere below the view."""
     return error_response(error.status, error.message, **error.extra)
 
 
@@ -40,6 +41,7 @@ def _handle_http_exception(error: HTTPException) -> Response:
 
 
 def _handle_unexpected(error: Exception) -> Response:
+    """A bug of ours: logged with its traceback, answered as JSON rather than Flask's HTML page."""
     log.exception("unhandled_exception")
     return error_response(500, "Internal server error")
 

@@ -22,7 +22,8 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import orjson
@@ -77,6 +78,16 @@ def _line_chunks(data: bytes, size: int) -> Iterator[memoryview]:
         yield view[start:]
 
 
+def _poll_until(condition: Callable[[], bool], deadline: float, failure: str) -> None:
+    """Return once ``condition()`` holds, checking at growing intervals; LogWriteError(failure) at the deadline."""
+    pause = 0.0001
+    while not condition():
+        if time.monotonic() + pause > deadline:
+            raise LogWriteError(failure)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.01)
+
+
 def _write_all(fd: int, data: memoryview) -> None:
     while data:
         data = data[os.write(fd, data) :]
@@ -92,18 +103,12 @@ class LockedWriter:
         # What stdout is, read once: a pipe gets the room-first writes described above.
         self._pipe_size = _grow_pipe(fd)
 
-    def _lock(self, deadline: float) -> None:
-        """Take the record lock by the deadline, polling so a stuck holder cannot hang us."""
-        pause = 0.0001
-        while True:
-            try:
-                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except (BlockingIOError, PermissionError):
-                if time.monotonic() + pause > deadline:
-                    raise LogWriteError("timed out waiting for the log lock") from None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.01)
+    def _try_lock(self) -> bool:
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            return False
+        return True
 
     def _wait_writable(self, deadline: float) -> None:
         """Wait until the descriptor takes bytes, so a blocked reader fails the batch before it starts."""
@@ -115,16 +120,11 @@ class LockedWriter:
         if events[0][1] & (select.POLLERR | select.POLLHUP):
             raise LogWriteError("stdout is closed")
 
-    def _wait_for_room(self, size: int, deadline: float) -> None:
-        """Wait until the pipe can take ``size`` bytes at once (or is empty, for a longer line)."""
+    def _has_room(self, size: int) -> bool:
+        """Whether the pipe can take ``size`` bytes at once (or is empty, for a longer line)."""
         assert self._pipe_size is not None
         needed = min(size, self._pipe_size - PIPE_MARGIN) + PIPE_MARGIN
-        pause = 0.0001
-        while self._pipe_size - _unread(self.fd) < needed:
-            if time.monotonic() + pause > deadline:
-                raise LogWriteError("timed out waiting for room in the stdout pipe")
-            time.sleep(pause)
-            pause = min(pause * 2, 0.01)
+        return self._pipe_size - _unread(self.fd) >= needed
 
     def _write_locked(self, data: bytes, deadline: float) -> None:
         if self._pipe_size is None:
@@ -134,7 +134,8 @@ class LockedWriter:
             _write_all(self.fd, memoryview(data))
             return
         for chunk in _line_chunks(data, self._pipe_size - PIPE_MARGIN):
-            self._wait_for_room(len(chunk), deadline)
+            has_room = partial(self._has_room, len(chunk))
+            _poll_until(has_room, deadline, "timed out waiting for room in the stdout pipe")
             _write_all(self.fd, chunk)
 
     def write(self, data: bytes) -> None:
@@ -143,7 +144,8 @@ class LockedWriter:
         if not self._thread_lock.acquire(timeout=self.timeout):
             raise LogWriteError("timed out waiting for the log lock")
         try:
-            self._lock(deadline)
+            # Polled, not blocking, so that a holder stuck on a full stdout cannot hang us past the deadline.
+            _poll_until(self._try_lock, deadline, "timed out waiting for the log lock")
             try:
                 self._write_locked(data, deadline)
             finally:

@@ -82,5 +82,7 @@ class GunicornLogger(glogging.Logger):
     already logs every request.
     """
 
+    # A private gunicorn method (gunicorn is pinned): tests/test_e2e.py::test_access_log_only_when_asked
+    # fails if an upgrade renames it.
     def _compute_access_log_enabled(self) -> bool:
         return self.cfg.accesslog is not None
