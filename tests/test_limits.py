@@ -2,7 +2,6 @@
 
 import gzip
 import http.client
-import io
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +13,7 @@ from flask.testing import FlaskClient
 from app import create_app
 from config import Config
 from tests.server import Server, strict_json
+from tests.test_api import chunked, sized
 
 SMALL = {"MAX_BODY_BYTES": 2000, "MAX_EVENTS": 5, "MAX_EVENT_BYTES": 300}
 DEFAULTS = {name: getattr(Config, name) for name in SMALL}
@@ -45,17 +45,6 @@ def event_of_size(size: int) -> dict[str, Any]:
     event["payload"]["s"] += "x" * pad
     assert len(orjson.dumps(event)) == size
     return event
-
-
-def chunked(data: bytes) -> dict[str, Any]:
-    """Test-client arguments for a body without Content-Length, as gunicorn hands a chunked one to the app."""
-    environ = {"wsgi.input_terminated": True, "CONTENT_LENGTH": "", "HTTP_TRANSFER_ENCODING": "chunked"}
-    return {"input_stream": io.BytesIO(data), "environ_overrides": environ}
-
-
-def sized(data: bytes) -> dict[str, Any]:
-    """Test-client arguments for a body with a Content-Length."""
-    return {"data": data}
 
 
 def post(client: FlaskClient, capfd: pytest.CaptureFixture[bytes], **kwargs: Any) -> tuple[int, Any, list[Any]]:
