@@ -32,7 +32,6 @@ _OWNERS = {
     "gunicorn": "gunicorn",
     "marshmallow": "marshmallow",
     "structlog": "structlog",
-    "flask_cors": "flask-cors",
 }
 ORJSON = "orjson"
 _POLLS = {"poll", "__poll", "ppoll", "select", "epoll_wait"}
@@ -178,8 +177,8 @@ def report(name: str, summary: Summary, top: int = 12) -> str:
     lines += _listing("- top functions, self time:", summary.self_functions.most_common(), cpu, top)
     functions = summary.inclusive_functions.most_common()
     # The stages of a request: what sits under the worker's loop, without the loop itself.
-    stages = [(f.function, n) for f, n in functions if n < 0.9 * cpu and f.owner in ("gunicorn", "flask", "flask-cors")]
-    lines += _listing("- gunicorn, Flask and flask-cors functions, inclusive:", stages, cpu, top)
+    stages = [(f.function, n) for f, n in functions if n < 0.9 * cpu and f.owner in ("gunicorn", "flask")]
+    lines += _listing("- gunicorn and Flask functions, inclusive:", stages, cpu, top)
     ours = [(f.function, n) for f, n in functions if f.owner in ("service code", "marshmallow", "structlog")]
     lines += _listing("- service, marshmallow and structlog functions, inclusive:", ours, cpu, top)
     hot = summary.self_lines.most_common()
