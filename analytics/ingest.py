@@ -10,7 +10,7 @@ from analytics.errors import ApiError
 from analytics.eventlog import EventLog, LogWriteError
 from analytics.fastload import compile_loader
 from analytics.redact import redact, redacted_key_set
-from analytics.schemas import BatchSchema, EventSchema
+from analytics.schemas import MAX_ID_LENGTH, BatchSchema, EventSchema
 
 log = structlog.get_logger()
 
@@ -35,7 +35,7 @@ def _rejection(index: int, raw: Any, errors: Any) -> dict[str, Any]:
     """One entry of the ``rejected`` list, with the client's id so it can match its own event."""
     entry: dict[str, Any] = {"index": index}
     event_id = raw.get("id") if isinstance(raw, dict) else None
-    if isinstance(event_id, str) and len(event_id) <= 128:
+    if isinstance(event_id, str) and len(event_id) <= MAX_ID_LENGTH:
         entry["id"] = event_id
     entry["errors"] = errors
     return entry

@@ -45,6 +45,10 @@ def size_error(event: Any, max_bytes: int) -> str | None:
     return None
 
 
+# Longest client-made event id; ids are echoed in `rejected` only up to this length too.
+MAX_ID_LENGTH = 128
+
+
 class EventSchema(Schema):
     """One analytics event. ``None`` for an optional field means absent."""
 
@@ -57,7 +61,7 @@ class EventSchema(Schema):
     payload = fields.Dict(allow_none=True)
     userId = fields.String(allow_none=True)
     sessionId = fields.String(allow_none=True)
-    id = fields.String(allow_none=True, validate=validate.Length(max=128))
+    id = fields.String(allow_none=True, validate=validate.Length(max=MAX_ID_LENGTH))
     timestamp = Timestamp(allow_none=True)
 
     def __init__(self, *, max_bytes: int, **kwargs: Any) -> None:
