@@ -10,11 +10,12 @@ from flask import Flask, Response, g, request
 from analytics import api, client, openapi
 from analytics.cors import register_cors
 from analytics.errors import register_error_handlers
-from analytics.eventlog import EventLog, LockedWriter
+from analytics.eventlog import EventLog
 from analytics.ingest import Ingestor
 from analytics.jsonprovider import OrjsonProvider
 from analytics.logs import configure_logging
 from analytics.peers import Peers
+from analytics.stdout import LockedWriter
 from config import Config, check_settings
 
 STDOUT = 1

@@ -7,10 +7,11 @@ import structlog
 from marshmallow import ValidationError
 
 from analytics.errors import ApiError
-from analytics.eventlog import EventLog, LogWriteError
+from analytics.eventlog import EventLog
 from analytics.fastload import compile_loader
 from analytics.redact import redact, redacted_key_set
 from analytics.schemas import MAX_ID_LENGTH, BatchSchema, EventSchema
+from analytics.stdout import LogWriteError
 
 log = structlog.get_logger()
 

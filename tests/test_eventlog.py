@@ -5,8 +5,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from analytics.eventlog import _line_chunks
 from analytics.peers import RequestIds
+from analytics.stdout import _line_chunks
 
 
 @pytest.mark.parametrize("size", [1, 5, 9, 10, 11, 64, 1000])
