@@ -99,3 +99,12 @@ def test_nothing_points_outside_the_repository():
 def test_readme_stays_short():
     """The README is a front page, under 15 KB; the rest lives in docs/."""
     assert len(README.encode()) < 15_000
+
+
+def test_code_map_names_every_module():
+    """The README's map of the code has a line for each module of analytics/ and each top-level Python file."""
+    code_map = README.split("\n## Map of the code\n", 1)[1].split("\n## ", 1)[0]
+    modules = [*(ROOT / "analytics").glob("*.py"), *ROOT.glob("*.py")]
+    for module in modules:
+        if module.name != "__init__.py":
+            assert f"`{module.relative_to(ROOT)}`" in code_map, module.name
