@@ -2,7 +2,6 @@
 
 import contextlib
 import gzip
-import io
 import json
 import os
 import socket
@@ -13,7 +12,8 @@ from flask.testing import FlaskClient
 from structlog.testing import capture_logs
 
 from app import create_app
-from tests.server import strict_json
+from tests.harness.lines import strict_json
+from tests.harness.wsgi import SocketBody, chunked, sized, stalled_body_request
 
 ONE = {"events": [{"type": "page_view"}]}
 
@@ -289,17 +289,6 @@ def test_redact_keys_setting(capfd):
     assert event_lines(capfd)[0]["payload"] == {"Email": "[REDACTED]", "password": "p"}
 
 
-def chunked(data: bytes) -> dict[str, Any]:
-    """Request arguments for a body with no Content-Length, as a chunked one reaches the app from gunicorn."""
-    environ = {"wsgi.input_terminated": True, "CONTENT_LENGTH": "", "HTTP_TRANSFER_ENCODING": "chunked"}
-    return {"input_stream": io.BytesIO(data), "environ_overrides": environ}
-
-
-def sized(data: bytes) -> dict[str, Any]:
-    """Request arguments for a body with a Content-Length."""
-    return {"data": data}
-
-
 def batch_of_size(size: int) -> bytes:
     """A valid one-event batch of exactly ``size`` bytes."""
     base = b'{"events": [{"type": "a", "payload": {"pad": ""}}]}'
@@ -558,33 +547,6 @@ def test_settings_from_environment(monkeypatch):
     assert app.config["CORS_ORIGINS"] == ["https://a.example"]
     response = post(app.test_client(), {"events": [{"type": "a"}] * 3})
     assert (response.status_code, response.json) == (413, {"error": "Too many events", "limit_events": 2})
-
-
-class SocketBody:
-    """wsgi.input as gunicorn makes it: reads straight from the client's socket until it has ``size`` bytes."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    def read(self, size: int) -> bytes:
-        data = b""
-        while len(data) < size and (chunk := self.sock.recv(size - len(data))):
-            data += chunk
-        return data
-
-
-def stalled_body_request(client: FlaskClient) -> Any:
-    """POST through a real socket whose peer sends 10 of the 100 bytes it announced, then goes quiet."""
-    server_end, client_end = socket.socketpair()
-    with server_end, client_end:
-        client_end.sendall(b'{"events":')
-        environ = {
-            "wsgi.input": SocketBody(server_end),
-            "gunicorn.socket": server_end,
-            "wsgi.input_terminated": True,
-            "CONTENT_LENGTH": "100",
-        }
-        return client.post("/api/analytics", environ_overrides=environ)
 
 
 def test_stalled_body_is_408(capfd):

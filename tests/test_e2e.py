@@ -6,7 +6,7 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.server import strict_json
+from tests.harness.lines import strict_json
 
 
 def test_contract_over_http(start_server):

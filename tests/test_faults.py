@@ -17,17 +17,10 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.server import (
-    Outcome,
-    Server,
-    SlowUpload,
-    expected_answer,
-    make_batches,
-    run_load,
-    send,
-    strict_json,
-    summarize,
-)
+from tests.harness.clients import SlowUpload, send
+from tests.harness.gunicorn import Server
+from tests.harness.lines import strict_json
+from tests.harness.load import Outcome, expected_answer, make_batches, run_load, summarize
 
 FAILED = (500, {"error": "Failed to process events"})
 # Exactly a page: a pipe takes such a write whole into one free slot or refuses it, so

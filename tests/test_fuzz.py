@@ -10,7 +10,7 @@ import gzip
 import json
 import os
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import hypothesis
@@ -30,8 +30,9 @@ from schemathesis.specs.openapi.checks import (
 from schemathesis.transport.requests import REQUESTS_TRANSPORT
 
 from app import create_app
-from tests.server import Server, strict_json
-from tests.test_openapi import assert_matches
+from tests.harness.gunicorn import Server
+from tests.harness.lines import parse_lines, strict_json
+from tests.harness.openapi import assert_matches
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
 SCHEMATHESIS_EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "40"))
@@ -120,9 +121,8 @@ def send(app: Flask, capfd: pytest.CaptureFixture[bytes], body: bytes, content_t
     answer = strict_json(response.data)
     hypothesis.event(f"{response.status_code} {answer.get('error', '')}".strip())
     assert_matches(app.extensions["fuzz_doc"], "/api/analytics", "POST", response)
-    assert out == b"" or out.endswith(b"\n")
     # Only "\n" ends a line: any other line break inside a string must have been escaped.
-    lines = [strict_json(line) for line in out.split(b"\n")[:-1]]
+    lines = parse_lines(out)
     if response.status_code != 200:
         assert answer["error"] in ERRORS[response.status_code]
         assert lines == []
@@ -172,11 +172,9 @@ def test_near_valid_batches(capfdbinary, body, content_type, zipped):
 
 
 @pytest.fixture(scope="module")
-def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def gunicorn(start_module_server: Callable[..., Server]) -> Server:
     """Real gunicorn with two workers, for the whole module."""
-    server = Server(tmp_path_factory.mktemp("fuzz"), workers=2).start()
-    yield server
-    server.stop()
+    return start_module_server(workers=2)
 
 
 def _json_body(ctx: schemathesis.SerializationContext, value: Any) -> dict[str, Any]:
@@ -237,16 +235,16 @@ def test_gunicorn_answers_as_documented(api_schema, gunicorn, path, method):
     @settings(max_examples=SCHEMATHESIS_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
     @given(case=cases)
     def check(case: schemathesis.Case) -> None:
-        before = gunicorn.stdout.count(b"\n")
+        start = gunicorn.fence()
         response = case.call_and_validate(checks=CONFORMANCE)
+        lines = gunicorn.lines_since(start)
         if method == "POST" and response.status_code == 200:
             answer = response.json()
             assert answer["received"] + len(answer.get("rejected", [])) == len(_sent_events(response.request))
-            lines = gunicorn.wait_for_lines(before + answer["received"])[before:]
             assert len(lines) == answer["received"]
             assert {line["request_id"] for line in lines} <= set(response.headers["x-request-id"])
         else:
-            assert gunicorn.stdout.count(b"\n") == before
+            assert lines == []
 
     check()
 

@@ -13,18 +13,19 @@ import struct
 import time
 import tracemalloc
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
 
-from tests.server import Server, strict_json
+from config import Config
+from tests.harness.clients import parse_response, read_until_closed
+from tests.harness.gunicorn import Server
+from tests.harness.lines import parse_lines, strict_json
 
 MiB = 1024 * 1024
-DEFAULT_LIMIT = MiB
-# Line breaks other than "\n" that log tools split on: none may reach stdout raw.
-RAW_LINE_BREAKS = ("\u2028".encode(), "\u2029".encode(), "\x85".encode())
+DEFAULT_LIMIT = Config.MAX_BODY_BYTES
 
 
 def deep(levels: int) -> bytes:
@@ -37,20 +38,12 @@ def batch(*events: bytes, extra: bytes = b"") -> bytes:
     return b'{"events":[' + b",".join(events) + b"]" + extra + b"}"
 
 
-def event_lines(out: bytes) -> list[dict[str, Any]]:
-    """stdout split on "\\n" only, each line strict JSON; no other line break raw in it."""
-    assert out == b"" or out.endswith(b"\n"), "stdout ends in a partial line"
-    for line_break in RAW_LINE_BREAKS:
-        assert line_break not in out
-    return [strict_json(line) for line in out.split(b"\n")[:-1]]
-
-
 def ingest(client: FlaskClient, capfd: pytest.CaptureFixture[bytes], body: bytes, **kwargs: Any):
     """POST ``body``; return the status, the JSON answer and the event lines written."""
     capfd.readouterr()
     response = client.post("/api/analytics", data=body, **kwargs)
     assert response.mimetype == "application/json"
-    return response.status_code, strict_json(response.data), event_lines(capfd.readouterr().out)
+    return response.status_code, strict_json(response.data), parse_lines(capfd.readouterr().out)
 
 
 INVALID_JSON = (400, {"error": "Invalid JSON"})
@@ -293,42 +286,10 @@ WORKER_TIMEOUT = 4
 
 
 @pytest.fixture(scope="module")
-def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def gunicorn(start_module_server: Callable[..., Server]) -> Server:
     """Real gunicorn with the production settings, but a short worker timeout."""
     env = {"GUNICORN_CMD_ARGS": f"--timeout {WORKER_TIMEOUT}", "ANALYTICS_BODY_READ_TIMEOUT": "1"}
-    server = Server(tmp_path_factory.mktemp("hostile"), workers=2, env=env).start()
-    yield server
-    server.stop()
-
-
-def read_until_closed(sock: socket.socket, limit: float) -> tuple[bytes, bool]:
-    """Everything the server sends until it closes, and whether it closed within ``limit`` seconds."""
-    deadline = time.monotonic() + limit
-    data = b""
-    while (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            return data, False
-        except ConnectionResetError:
-            return data, True
-        if not chunk:
-            return data, True
-        data += chunk
-    return data, False
-
-
-def parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 response: status, headers (lower-case names) and the body its Content-Length gives."""
-    head, _, rest = raw.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", len(rest)))
-    return int(status_line.split()[1]), headers, rest[:length]
+    return start_module_server(workers=2, env=env)
 
 
 def request_head(length_header: str) -> bytes:
@@ -336,20 +297,9 @@ def request_head(length_header: str) -> bytes:
     return f"POST /api/analytics HTTP/1.1\r\nHost: 127.0.0.1\r\n{length_header}\r\n\r\n".encode()
 
 
-def new_lines(server: Server, before: int, expected: int) -> list[dict[str, Any]]:
-    """The stdout lines written since ``before`` lines, once ``expected`` more are there (or 10 s passed)."""
-    return server.wait_for_lines(before + expected)[before:]
-
-
-def assert_only_marker_follows(server: Server, before: int) -> None:
-    """Nothing was written since ``before`` lines: a marker request's line is the only new one."""
-    assert server.post("/api/analytics", batch(b'{"type":"marker"}'))[::2] == (200, {"success": True, "received": 1})
-    assert [line["type"] for line in new_lines(server, before, 1)] == ["marker"]
-
-
 def test_chunked_body_that_never_ends(gunicorn):
     """Chunks sent without end: the server answers 413 (having read at most the limit and a bounded drain)."""
-    before = gunicorn.stdout.count(b"\n")
+    start = gunicorn.fence()
     chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
     sent = 0
     with socket.create_connection(("127.0.0.1", gunicorn.port), timeout=10) as sock:
@@ -366,21 +316,22 @@ def test_chunked_body_that_never_ends(gunicorn):
     assert (status, strict_json(body)) == (413, {"error": "Payload too large", "limit_bytes": DEFAULT_LIMIT})
     assert headers["content-type"] == "application/json"
     assert closed and sent < 64 * MiB
-    assert_only_marker_follows(gunicorn, before)
+    assert gunicorn.lines_since(start) == []
 
 
 def test_gzip_bomb_on_the_wire(gunicorn):
     """The 1 MiB bomb through real gunicorn: 413, and the worker lives on to answer the next request."""
-    before = gunicorn.stdout.count(b"\n")
+    start = gunicorn.fence()
     bomb, _ = gzip_bomb(DEFAULT_LIMIT)
     status, _, answer = gunicorn.post("/api/analytics", bomb, {"Content-Encoding": "gzip"})
     assert (status, answer) == (413, {"error": "Payload too large", "limit_bytes": DEFAULT_LIMIT})
-    assert_only_marker_follows(gunicorn, before)
+    assert gunicorn.post("/api/analytics", batch(b'{"type":"after"}'))[::2] == (200, {"success": True, "received": 1})
+    assert [line["type"] for line in gunicorn.lines_since(start)] == ["after"]
 
 
 def test_content_length_shorter_than_the_body(gunicorn):
     """Content-Length says less than is sent: that many bytes are the body; the rest is never a request."""
-    before = gunicorn.stdout.count(b"\n")
+    start = gunicorn.fence()
     body = batch(b'{"type":"short"}')
     smuggled = request_head("Content-Length: 30") + batch(b'{"type":"smuggled"}')
     with socket.create_connection(("127.0.0.1", gunicorn.port), timeout=10) as sock:
@@ -390,7 +341,7 @@ def test_content_length_shorter_than_the_body(gunicorn):
     assert (status, strict_json(answer)) == (200, {"success": True, "received": 1})
     # Sync workers close after each response, so the bytes after the body are never read as a request.
     assert closed and headers["connection"] == "close" and raw.count(b"HTTP/1.1 ") == 1
-    assert [line["type"] for line in new_lines(gunicorn, before, 1)] == ["short"]
+    assert [line["type"] for line in gunicorn.lines_since(start)] == ["short"]
 
 
 @pytest.fixture(scope="module")
@@ -421,7 +372,7 @@ def test_content_length_longer_held_open_is_a_408(held_open):
 
 def test_content_length_longer_then_half_closed(gunicorn):
     """Content-Length 1000, 29 bytes, then the client's FIN: an incomplete body, so 400 and nothing written."""
-    before = gunicorn.stdout.count(b"\n")
+    start = gunicorn.fence()
     with socket.create_connection(("127.0.0.1", gunicorn.port), timeout=10) as sock:
         sock.sendall(request_head("Content-Length: 1000") + batch(b'{"type":"cut"}'))
         sock.shutdown(socket.SHUT_WR)
@@ -429,7 +380,7 @@ def test_content_length_longer_then_half_closed(gunicorn):
     status, _, answer = parse_response(raw)
     assert closed
     assert (status, strict_json(answer)) == INVALID_JSON
-    assert_only_marker_follows(gunicorn, before)
+    assert gunicorn.lines_since(start) == []
 
 
 @pytest.mark.parametrize(
@@ -442,7 +393,7 @@ def test_content_length_longer_then_half_closed(gunicorn):
 )
 def test_broken_chunked_body_is_400(gunicorn, body):
     """A malformed chunked body, or one the client abandons, is the client's fault: a JSON 400, nothing written."""
-    before = gunicorn.stdout.count(b"\n")
+    start = gunicorn.fence()
     with socket.create_connection(("127.0.0.1", gunicorn.port), timeout=10) as sock:
         sock.sendall(request_head("Transfer-Encoding: chunked") + body)
         sock.shutdown(socket.SHUT_WR)
@@ -451,4 +402,4 @@ def test_broken_chunked_body_is_400(gunicorn, body):
     assert closed
     assert (status, strict_json(answer)) == INVALID_JSON
     assert headers["content-type"] == "application/json"
-    assert_only_marker_follows(gunicorn, before)
+    assert gunicorn.lines_since(start) == []

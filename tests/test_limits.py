@@ -2,7 +2,7 @@
 
 import gzip
 import http.client
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -12,8 +12,9 @@ from flask.testing import FlaskClient
 
 from app import create_app
 from config import Config
-from tests.server import Server, strict_json
-from tests.test_api import chunked, sized
+from tests.harness.gunicorn import Server
+from tests.harness.lines import parse_lines, strict_json
+from tests.harness.wsgi import chunked, sized
 
 SMALL = {"MAX_BODY_BYTES": 2000, "MAX_EVENTS": 5, "MAX_EVENT_BYTES": 300}
 DEFAULTS = {name: getattr(Config, name) for name in SMALL}
@@ -51,8 +52,7 @@ def post(client: FlaskClient, capfd: pytest.CaptureFixture[bytes], **kwargs: Any
     """POST to the ingestion route; return the status, the JSON answer and the event lines written."""
     capfd.readouterr()
     response = client.post("/api/analytics", **kwargs)
-    out = capfd.readouterr().out
-    return response.status_code, strict_json(response.data), [strict_json(line) for line in out.splitlines()]
+    return response.status_code, strict_json(response.data), parse_lines(capfd.readouterr().out)
 
 
 def too_large(limit: int) -> tuple[int, dict[str, Any]]:
@@ -156,12 +156,9 @@ WIRE_LIMIT = 4096
 
 
 @pytest.fixture(scope="module")
-def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def gunicorn(start_module_server: Callable[..., Server]) -> Server:
     """Real gunicorn with a small MAX_BODY_BYTES."""
-    env = {"ANALYTICS_MAX_BODY_BYTES": str(WIRE_LIMIT)}
-    server = Server(tmp_path_factory.mktemp("limits"), workers=2, env=env).start()
-    yield server
-    server.stop()
+    return start_module_server(workers=2, env={"ANALYTICS_MAX_BODY_BYTES": str(WIRE_LIMIT)})
 
 
 def post_over_http(server: Server, body: bytes, chunked: bool) -> tuple[int, Any]:
@@ -182,10 +179,7 @@ def post_over_http(server: Server, body: bytes, chunked: bool) -> tuple[int, Any
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_body_size_through_gunicorn(gunicorn, chunked):
     """Real gunicorn, sized or chunked: limit - 1 and limit accepted, limit + 1 a 413 that writes nothing."""
-    before = gunicorn.stdout.count(b"\n")
+    start = gunicorn.fence()
     answers = [post_over_http(gunicorn, body_of_size(WIRE_LIMIT + delta), chunked) for delta in (-1, 0, 1)]
     assert answers == [ACCEPTED_ONE, ACCEPTED_ONE, too_large(WIRE_LIMIT)]
-    # A last request marks the end: its line comes after any the 413 could have written.
-    assert post_over_http(gunicorn, b'{"events":[{"type":"marker"}]}', chunked) == ACCEPTED_ONE
-    lines = gunicorn.wait_for_lines(before + 3)[before:]
-    assert [line["type"] for line in lines] == ["edge", "edge", "marker"]
+    assert [line["type"] for line in gunicorn.lines_since(start)] == ["edge", "edge"]

@@ -4,7 +4,7 @@ from collections import Counter
 
 import orjson
 
-from tests.server import MAX_EVENT_BYTES, expected_answer, make_batches, run_load, summarize
+from tests.harness.load import MAX_EVENT_BYTES, expected_answer, make_batches, run_load, summarize
 
 REQUESTS = 3000
 

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,9 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.server import ROOT, Server, SlowUpload, free_port, send, strict_json
+from tests.harness.clients import SlowUpload, send
+from tests.harness.gunicorn import ROOT, Server, free_port
+from tests.harness.lines import strict_json
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 CONF = ROOT / "deploy" / "nginx.conf"
@@ -112,14 +114,14 @@ http {{
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Nginx]]:
+def stack(
+    start_module_server: Callable[..., Server], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Server, Nginx]]:
     """gunicorn (2 workers, default settings) behind nginx, shared by this module's tests."""
-    tmp_path = tmp_path_factory.mktemp("nginx-stack")
-    server = Server(tmp_path, workers=2).start()
-    nginx = Nginx(tmp_path, server.port).start()
+    server = start_module_server(workers=2)
+    nginx = Nginx(tmp_path_factory.mktemp("nginx"), server.port).start()
     yield server, nginx
     nginx.stop()
-    server.stop()
 
 
 def connect(port: int, source: str | None = None) -> http.client.HTTPConnection:
@@ -253,11 +255,9 @@ def test_keepalive_connection_serves_the_next_request_after_each_413(stack):
 
 
 @pytest.fixture(scope="module")
-def untrusting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def untrusting(start_module_server: Callable[..., Server]) -> Server:
     """gunicorn that trusts no proxy at all (ANALYTICS_TRUSTED_PROXIES='[]')."""
-    server = Server(tmp_path_factory.mktemp("untrusting"), workers=1, env={"ANALYTICS_TRUSTED_PROXIES": "[]"}).start()
-    yield server
-    server.stop()
+    return start_module_server(workers=1, env={"ANALYTICS_TRUSTED_PROXIES": "[]"})
 
 
 SPOOF = {"X-Request-ID": "chosen-by-client", "X-Forwarded-For": "203.0.113.9"}

@@ -11,15 +11,14 @@ import pytest
 import schemathesis
 from flask import Flask
 from flask.testing import FlaskClient
-from werkzeug.test import TestResponse
 
 from analytics.eventlog import EventLog, LockedWriter
 from analytics.schemas import BatchSchema, EventSchema
 from app import create_app
-from tests.server import strict_json
-from tests.test_api import stalled_body_request
+from tests.harness.lines import strict_json
+from tests.harness.openapi import DRAFT_2020_12, SHARED_RESPONSES, assert_matches, documented, resolve
+from tests.harness.wsgi import stalled_body_request
 
-DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
 ONE = b'{"events":[{"type":"page_view"}]}'
 PREFLIGHT = {"Origin": "https://example.com", "Access-Control-Request-Method": "POST"}
 
@@ -30,54 +29,6 @@ EXPECTED_OPERATIONS = {
     ("/healthz", "get"): {"200"},
     ("/api/openapi.json", "get"): {"200"},
 }
-# Statuses no listed operation answers, each documented once as a shared response.
-SHARED_RESPONSES = {404: "NotFound", 405: "MethodNotAllowed"}
-
-
-def resolve(doc: dict[str, Any], node: Any) -> Any:
-    """Follow a local ``$ref`` (one hop at a time until there is none)."""
-    while isinstance(node, dict) and "$ref" in node:
-        ref = node["$ref"]
-        assert ref.startswith("#/"), ref
-        node = doc
-        for part in ref[2:].split("/"):
-            node = node[part.replace("~1", "/").replace("~0", "~")]
-    return node
-
-
-def schema_validator(doc: dict[str, Any], schema: dict[str, Any]) -> jsonschema_rs.Validator:
-    """A JSON Schema 2020-12 validator for ``schema``, its ``#/components/...`` refs resolved in ``doc``."""
-    return jsonschema_rs.validator_for({"$schema": DRAFT_2020_12, "components": doc["components"], **schema})
-
-
-def documented(doc: dict[str, Any], path: str, method: str, status: int) -> dict[str, Any]:
-    """The response object the document gives for this operation and status; 404 and 405 are shared ones."""
-    if status in SHARED_RESPONSES:
-        return resolve(doc, {"$ref": f"#/components/responses/{SHARED_RESPONSES[status]}"})
-    responses = doc["paths"][path][method.lower()]["responses"]
-    assert str(status) in responses, f"{method} {path} {status} is not documented"
-    return resolve(doc, responses[str(status)])
-
-
-def assert_matches(doc: dict[str, Any], path: str, method: str, response: TestResponse) -> None:
-    """The response has the documented headers and a JSON body valid against the documented schema."""
-    definition = documented(doc, path, method, response.status_code)
-    for name, header in definition.get("headers", {}).items():
-        header = resolve(doc, header)
-        value = response.headers.get(name)
-        if header.get("required"):
-            assert value is not None, f"{name} missing on {method} {path} {response.status_code}"
-        if value is not None:
-            errors = [error.message for error in schema_validator(doc, header["schema"]).iter_errors(value)]
-            assert not errors, f"header {name}={value!r}: {errors}"
-    content = definition.get("content")
-    if content is None:
-        assert response.data == b""
-        return
-    assert response.mimetype in content
-    body = strict_json(response.data)
-    errors = [error.message for error in schema_validator(doc, content[response.mimetype]["schema"]).iter_errors(body)]
-    assert not errors, f"{method} {path} {response.status_code} {body}: {errors}"
 
 
 def schema_objects(node: Any, where: str = "#") -> Iterator[tuple[str, dict[str, Any]]]:

@@ -6,7 +6,8 @@ from collections import Counter
 
 import orjson
 
-from tests.server import SlowUpload, expected_answer, make_batches, run_load, summarize
+from tests.harness.clients import SlowUpload
+from tests.harness.load import expected_answer, make_batches, run_load, summarize
 
 REQUESTS = 2000
 SIGNAL_AFTER = 300

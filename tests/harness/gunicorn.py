@@ -1,10 +1,6 @@
-"""Real gunicorn for end-to-end tests: started on a free loopback port, its stdout read through a pipe."""
+"""Real gunicorn for the tests: started on a free loopback port, its stdout read through a pipe."""
 
-import http.client
-import itertools
-import json
 import os
-import random
 import select
 import signal
 import socket
@@ -14,25 +10,18 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import uuid
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.harness.lines import parse_lines, strict_json
+
+ROOT = Path(__file__).resolve().parents[2]
 GUNICORN = Path(sys.executable).with_name("gunicorn")
-
-
-def strict_json(text: bytes | str) -> Any:
-    """Parse JSON as RFC 8259 has it: NaN and Infinity, which Python allows, are errors."""
-
-    def refuse(constant: str) -> Any:
-        raise ValueError(f"not strict JSON: {constant}")
-
-    return json.loads(text, parse_constant=refuse)
+# The type of the events Server.fence sends; no test sends it itself.
+FENCE = "test_fence"
 
 
 def children(pid: int) -> set[int]:
@@ -99,6 +88,10 @@ class Server:
     ``stdout_fifo`` the pipe is a named one (``fifo``), so that a test can take
     the reader away (``disconnect_stdout``) and bring one back (``reconnect_stdout``);
     ``pause_stdout`` stops reading so that the pipe fills.
+
+    A server shared by several tests has lines of earlier tests arriving late (the
+    drain thread reads after the answer went out): such tests read what they wrote
+    between two fences (``fence`` and ``lines_since``), never by counting lines.
     """
 
     def __init__(
@@ -247,12 +240,12 @@ class Server:
 
     def lines(self) -> list[dict[str, Any]]:
         """Every stdout line as JSON; fails the test on any line that is not a JSON object."""
-        raw = bytes(self.stdout)
-        assert raw == b"" or raw.endswith(b"\n"), "stdout ends in a partial line"
-        return [strict_json(line) for line in raw.split(b"\n")[:-1]]
+        return parse_lines(bytes(self.stdout))
 
     def wait_for_lines(self, count: int, timeout: float = 10) -> list[dict[str, Any]]:
-        """The stdout lines once there are at least ``count`` of them."""
+        """The stdout lines once there are at least ``count`` of them (or ``timeout`` passed).
+
+        Only for a server one test has to itself: on a shared one, use ``fence``."""
         deadline = time.monotonic() + timeout
 
         def short() -> bool:
@@ -263,6 +256,38 @@ class Server:
             time.sleep(0.02)
         return self.lines()
 
+    def fence(self, timeout: float = 10) -> int:
+        """Send an event of type FENCE and wait for its line; the number of stdout lines up to and including it.
+
+        A worker writes a batch's lines before it answers, and a pipe keeps writes in order, so once
+        the fence's line has been read so has every line of every request answered before the fence
+        was sent: the lines after it are all later ones.
+        """
+        marker = uuid.uuid4().hex
+        body = orjson.dumps({"events": [{"type": FENCE, "id": marker}]})
+        status, _, answer = self.post("/api/analytics", body, {"Content-Type": "application/json"})
+        assert (status, answer) == (200, {"success": True, "received": 1}), "the fence was not accepted"
+        needle = f'"{marker}"'.encode()
+        deadline = time.monotonic() + timeout
+        while True:
+            raw = bytes(self.stdout)
+            at = raw.find(needle)
+            end = raw.find(b"\n", at) if at >= 0 else -1
+            if end >= 0:
+                return raw.count(b"\n", 0, end + 1)
+            assert time.monotonic() < deadline, f"the fence's line was not on stdout within {timeout} s"
+            time.sleep(0.01)
+
+    def lines_since(self, start: int) -> list[dict[str, Any]]:
+        """The lines of the requests answered between the fence that returned ``start`` and now.
+
+        Sends a closing fence, so the answer holds every line those requests wrote, and no line of
+        another test's: the requests still in flight are the test's own to wait for.
+        """
+        end = self.fence()
+        pieces = bytes(self.stdout).split(b"\n")
+        return parse_lines(b"".join(piece + b"\n" for piece in pieces[start : end - 1]))
+
     def post(
         self, path: str, body: bytes, headers: dict[str, str] | None = None, timeout: float = 30
     ) -> tuple[int, dict[str, str], Any]:
@@ -270,181 +295,6 @@ class Server:
         request = urllib.request.Request(self.url + path, data=body, headers=headers or {}, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, dict(response.headers), json.loads(response.read())
+                return response.status, dict(response.headers), strict_json(response.read())
         except urllib.error.HTTPError as error:
-            return error.code, dict(error.headers), json.loads(error.read())
-
-
-# Load: batches with known ids, sent concurrently, each outcome kept for the accounting.
-
-MAX_EVENT_BYTES = 32 * 1024
-
-
-@dataclass
-class Batch:
-    """A request body and what the service must make of it."""
-
-    body: bytes
-    # Events the service must accept, by id, as sent.
-    accepted: dict[str, dict[str, Any]]
-    # (index, id) of the events it must reject.
-    rejected: list[tuple[int, str]]
-    # Every id in the batch, accepted or not.
-    ids: list[str]
-
-
-@dataclass
-class Outcome:
-    """What one request got: a status and JSON body, or the connection error instead."""
-
-    batch: Batch
-    status: int | None = None
-    body: Any = None
-    request_id: str | None = None
-    error: str | None = None
-
-
-def sized_event(event_id: str, size: int) -> dict[str, Any]:
-    """An event whose compact JSON, as the service measures it, is exactly ``size`` bytes."""
-    event = {"type": "sized", "id": event_id, "payload": {"blob": ""}}
-    event["payload"]["blob"] = "s" * (size - len(orjson.dumps(event)))
-    assert len(orjson.dumps(event)) == size
-    return event
-
-
-def make_batches(count: int, tag: str, seed: int = 4) -> list[Batch]:
-    """``count`` batches of mixed sizes: mostly small, some of hundreds of events, some with events
-    at exactly MAX_EVENT_BYTES, a few with events to reject (one byte too large, or without a type)."""
-    rng = random.Random(seed)
-    batches = []
-    for number in range(count):
-        events: list[dict[str, Any]] = []
-        invalid: set[int] = set()
-        kind = rng.random()
-        if kind < 0.55:
-            sizes = [rng.randint(60, 600) for _ in range(rng.randint(1, 5))]
-        elif kind < 0.8:
-            sizes = [rng.randint(60, 300) for _ in range(rng.randint(20, 200))]
-        elif kind < 0.92:
-            sizes = [rng.randint(2_000, 16_000) for _ in range(rng.randint(1, 4))]
-        else:
-            sizes = [MAX_EVENT_BYTES] * rng.randint(1, 4)
-        for index, size in enumerate(sizes):
-            event_id = f"{tag}-{number}-{index}"
-            if size == MAX_EVENT_BYTES and index == 1:
-                events.append(sized_event(event_id, MAX_EVENT_BYTES + 1))
-                invalid.add(index)
-            elif kind > 0.5 and index == 3:
-                events.append({"id": event_id, "payload": {"no": "type"}})
-                invalid.add(index)
-            else:
-                events.append(sized_event(event_id, size))
-        batches.append(
-            Batch(
-                body=orjson.dumps({"timestamp": 1_716_215_520_000 + number, "events": events}),
-                accepted={event["id"]: event for index, event in enumerate(events) if index not in invalid},
-                rejected=[(index, events[index]["id"]) for index in sorted(invalid)],
-                ids=[event["id"] for event in events],
-            )
-        )
-    return batches
-
-
-def send(port: int, body: bytes, timeout: float = 30) -> tuple[int, dict[str, str], Any]:
-    """POST ``body`` to /api/analytics on a new connection; raise OSError or HTTPException if it breaks."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        connection.request("POST", "/api/analytics", body, {"Content-Type": "application/json", "Connection": "close"})
-        response = connection.getresponse()
-        return response.status, dict(response.headers), json.loads(response.read())
-    finally:
-        connection.close()
-
-
-def run_load(
-    port: int,
-    batches: list[Batch],
-    concurrency: int = 32,
-    after: tuple[int, Callable[[], None]] | None = None,
-) -> list[Outcome]:
-    """Send every batch, ``concurrency`` at a time; ``after=(n, action)`` runs ``action`` once n have answered."""
-    outcomes = [Outcome(batch) for batch in batches]
-    answered = itertools.count(1)
-
-    def one(outcome: Outcome) -> None:
-        try:
-            outcome.status, headers, outcome.body = send(port, outcome.batch.body)
-            outcome.request_id = headers.get("X-Request-ID")
-        except (OSError, http.client.HTTPException, ValueError) as error:
-            outcome.error = repr(error)
-        if after and next(answered) == after[0]:
-            after[1]()
-
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        list(pool.map(one, outcomes))
-    return outcomes
-
-
-def expected_answer(batch: Batch) -> tuple[int, dict[str, Any]]:
-    """The status and body (rejections by index and id only) the service owes ``batch``."""
-    body: dict[str, Any] = {"success": True, "received": len(batch.accepted)}
-    if batch.rejected:
-        body["rejected"] = [list(entry) for entry in batch.rejected]
-    return 200, body
-
-
-def summarize(outcome: Outcome) -> tuple[int | None, Any]:
-    """An outcome's status and body with each rejection reduced to [index, id], to compare with expected_answer."""
-    body = outcome.body
-    if isinstance(body, dict) and "rejected" in body:
-        body = {**body, "rejected": [[entry["index"], entry.get("id")] for entry in body["rejected"]]}
-    return outcome.status, body
-
-
-class SlowUpload:
-    """A POST to /api/analytics sent a piece at a time: a request in a worker's (or a proxy's) hands, unfinished."""
-
-    def __init__(
-        self, port: int, body: bytes, source: str | None = None, headers: dict[str, str] | None = None
-    ) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source or "", 0))
-        head = {
-            "Host": f"127.0.0.1:{port}",
-            "Content-Type": "application/json",
-            "Content-Length": str(len(body)),
-            "Connection": "close",
-            **(headers or {}),
-        }
-        self.data = (
-            b"POST /api/analytics HTTP/1.1\r\n"
-            + "".join(f"{name}: {value}\r\n" for name, value in head.items()).encode()
-            + b"\r\n"
-            + body
-        )
-        self.sent = 0
-
-    @property
-    def port(self) -> int:
-        """The client's own port, which names the connection on the server's side."""
-        return self.sock.getsockname()[1]
-
-    @property
-    def done(self) -> bool:
-        """Whether the whole request has been sent."""
-        return self.sent == len(self.data)
-
-    def send(self, size: int) -> None:
-        """Send the next ``size`` bytes of the request (fewer at its end)."""
-        part = self.data[self.sent : self.sent + size]
-        self.sock.sendall(part)
-        self.sent += len(part)
-
-    def finish(self) -> tuple[int, dict[str, str], Any]:
-        """Send the rest and read the answer; raise OSError or HTTPException if the connection breaks."""
-        try:
-            self.send(len(self.data))
-            response = http.client.HTTPResponse(self.sock, method="POST")
-            response.begin()
-            return response.status, dict(response.headers), json.loads(response.read())
-        finally:
-            self.sock.close()
+            return error.code, dict(error.headers), strict_json(error.read())
