@@ -30,6 +30,7 @@ from schemathesis.specs.openapi.checks import (
 from schemathesis.transport.requests import REQUESTS_TRANSPORT
 
 from app import create_app
+from tests import strategies
 from tests.harness.gunicorn import Server
 from tests.harness.lines import parse_lines, strict_json
 from tests.harness.openapi import assert_matches
@@ -50,51 +51,13 @@ ERRORS = {
     415: {"Unsupported Content-Encoding"},
 }
 
-# Text that reaches the awkward corners: line breaks of every kind, NUL, lone surrogates, astral planes.
-awkward_text = st.text(
-    st.characters(codec=None, exclude_categories=())
-    | st.sampled_from(["\n", "\r", "\u2028", "\u2029", "\x85", "\x00", "\ud800", "\udfff", "\U0001f600", '"', "\\"]),
-    max_size=40,
-)
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | awkward_text
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(awkward_text, inner, max_size=5),
-    max_leaves=20,
-)
-timestamps = st.one_of(
-    st.datetimes().map(lambda moment: moment.isoformat()),
-    st.datetimes(timezones=st.timezones()).map(lambda moment: moment.isoformat()),
-    st.integers(min_value=-(10**15), max_value=10**15),
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.sampled_from(["2024-05-20T14:32:00Z", "2024-05-20", "", "soon", None]),
-)
-event_fields = {
-    "type": st.text(min_size=1, max_size=20) | awkward_text.filter(bool) | json_values,
-    "payload": st.dictionaries(awkward_text, json_values, max_size=6) | json_values,
-    "userId": st.text(max_size=20) | json_values,
-    "sessionId": st.text(max_size=20) | json_values,
-    "id": st.text(max_size=140),
-    "timestamp": timestamps | json_values,
-}
-# Mostly valid events: a good type and some optional fields, each sometimes wrong; now and then an unknown key.
-optional_fields = {key: value for key, value in event_fields.items() if key != "type"}
-near_valid_events = st.one_of(
-    st.fixed_dictionaries({"type": st.text(min_size=1, max_size=20)}),
-    st.fixed_dictionaries({"type": event_fields["type"]}, optional=optional_fields),
-    st.fixed_dictionaries({}, optional=event_fields),
-    st.fixed_dictionaries({"type": st.just("x"), "surprise": json_values}),
-    json_values,
+# Strings and keys with every awkward character; integers past 64 bits, which orjson reads as doubles.
+json_values = strategies.json_values(
+    strategies.awkward_text, st.integers(min_value=-(2**70), max_value=2**70), max_size=5, max_leaves=20
 )
 near_valid_batches = st.fixed_dictionaries(
-    {"events": st.lists(near_valid_events, max_size=12)},
-    optional={"timestamp": timestamps, "extra": json_values},
+    {"events": st.lists(strategies.events(json_values, strategies.awkward_text), max_size=12)},
+    optional={"timestamp": strategies.timestamps, "extra": json_values},
 )
 
 
