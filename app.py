@@ -1,7 +1,7 @@
 """The application factory: a list of steps, each a small function below."""
 
+import os
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -10,15 +10,17 @@ from flask import Flask, Response, g, request
 from analytics import api, client, openapi
 from analytics.cors import register_cors
 from analytics.errors import register_error_handlers
-from analytics.eventlog import EventLog
+from analytics.eventlog import EventLog, StdoutSink
 from analytics.ingest import Ingestor
 from analytics.jsonprovider import OrjsonProvider
 from analytics.logs import configure_logging
 from analytics.peers import Peers
-from analytics.stdout import LockedWriter
-from config import Config, check_settings
+from analytics.stdout import LockedWriter, check_writable
+from config import Config, check_settings, unknown_variables
 
 STDOUT = 1
+
+log = structlog.get_logger()
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -27,12 +29,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
     app.json = OrjsonProvider(app)
     load_config(app, config)
+    register_request_ids(app)
+    register_cors(app, app.config["CORS_ORIGINS"])
     register_extensions(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(client.bp)
     app.register_blueprint(openapi.bp)
     register_error_handlers(app)
-    register_request_hooks(app)
     return app
 
 
@@ -43,37 +46,32 @@ def load_config(app: Flask, config: Mapping[str, Any] | None) -> None:
     if config:
         app.config.update(config)
     check_settings(app.config)
+    for name in unknown_variables(os.environ):
+        log.warning("unknown_setting", variable=name, hint="no setting has this name; see config.py")
 
 
-def register_extensions(app: Flask) -> None:
-    """The event log, the ingestor, trusted-proxy rules and CORS, built once from the settings."""
-    writer = LockedWriter(STDOUT, timeout=app.config["LOG_WRITE_TIMEOUT"])
-    app.extensions["analytics"] = Ingestor(app.config, EventLog(writer))
-    app.extensions["peers"] = Peers(app.config["TRUSTED_PROXIES"])
-    register_cors(app, app.config["CORS_ORIGINS"])
-
-
-def register_request_hooks(app: Flask) -> None:
-    """Give every request an id and a client address, and every response the id."""
-    peers: Peers = app.extensions["peers"]
-    log_client_ip = app.config["LOG_CLIENT_IP"]
+def register_request_ids(app: Flask) -> None:
+    """Say who sent each request, and give every answer its id; first, so that even a refusal carries it."""
+    peers = Peers(app.config["TRUSTED_PROXIES"])
 
     @app.before_request
     def identify_request() -> None:
-        request_id, client_ip = peers.identify(request.environ)
-        # What every event line of this request carries besides the event.
-        context = {"received_at": datetime.now(UTC), "request_id": request_id}
-        if log_client_ip:
-            context["client_ip"] = client_ip
-        g.event_context = context
+        g.sender = sender = peers.identify(request.environ)
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        structlog.contextvars.bind_contextvars(request_id=sender.request_id)
 
     @app.after_request
     def finish_response(response: Response) -> Response:
-        response.headers["X-Request-ID"] = g.event_context["request_id"]
-        if request.method == "OPTIONS" and response.status_code == 200:
-            # Flask's automatic answer is an empty text/html 200; a preflight has no body to type.
-            response.status_code = 204
-            del response.headers["Content-Type"]
+        response.headers["X-Request-ID"] = g.sender.request_id
+        # Unbound once the server is done with the response (after gunicorn's access line, which
+        # carries the id), so that later lines of this worker never carry another request's id.
+        response.call_on_close(structlog.contextvars.clear_contextvars)
         return response
+
+
+def register_extensions(app: Flask) -> None:
+    """The event log and the ingestor, built once from the settings."""
+    check_writable(STDOUT)
+    writer = LockedWriter(STDOUT, timeout=app.config["LOG_WRITE_TIMEOUT"])
+    app.extensions["stdout"] = writer
+    app.extensions["ingestor"] = Ingestor(app.config, EventLog([StdoutSink(writer)]))

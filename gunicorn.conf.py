@@ -1,8 +1,11 @@
 """gunicorn settings for every deployment: `gunicorn wsgi:app` picks this file up."""
 
 import os
+import sys
 
 from analytics.logs import gunicorn_logconfig
+from analytics.stdout import StdoutNotWritableError
+from config import SettingsError
 
 # Platforms (Heroku and the like) say the port in $PORT; 8000 otherwise.
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
@@ -11,7 +14,7 @@ workers = int(os.environ.get("WEB_CONCURRENCY", 2 * (os.cpu_count() or 1)))
 # Sync workers, measured against gthread (bench/run.py --service sync --service gthread:4):
 # the same CPU per request with keep-alive, more without it or at 100 events (gthread's
 # event loop and the GIL), and memory growing with threads. nginx in front buffers slow
-# clients, which is what threads would otherwise be for. README, "Worker class".
+# clients, which is what threads would otherwise be for. docs/operating.md, "Worker class".
 worker_class = "sync"
 # A request stuck longer than this (a blocked stdout, say) gets its worker replaced.
 timeout = 30
@@ -23,3 +26,18 @@ logconfig_dict = gunicorn_logconfig()
 logger_class = "analytics.logs.GunicornLogger"
 # gunicorn's control socket is not used here, and one per host clashes between instances.
 control_socket_disable = True
+
+
+def on_starting(server: object) -> None:
+    """Build the app once in the master before any worker: a bad setting or stdout is one clear line and exit 1.
+
+    Otherwise every worker fails on its own, each with a traceback, and gunicorn
+    ends with "Worker failed to boot", which buries the one line that matters.
+    """
+    from app import create_app
+
+    try:
+        create_app()
+    except (SettingsError, StdoutNotWritableError) as error:
+        sys.stderr.write(f"analytics: cannot start: {error}\n")
+        sys.exit(1)

@@ -1,9 +1,12 @@
 """The blueprint of the JSON API: ingestion and the health check."""
 
+from datetime import UTC, datetime
+
 from flask import Blueprint, current_app, g, request
 
 from analytics.body import read_json
-from analytics.ingest import load_batch
+from analytics.errors import ApiError
+from analytics.ingest import Ingestor, collector_paused
 
 bp = Blueprint("api", __name__)
 
@@ -11,18 +14,26 @@ bp = Blueprint("api", __name__)
 @bp.post("/api/analytics")
 def ingest() -> dict:
     """Accept a batch: log its valid events, report the invalid ones."""
-    ingestor = current_app.extensions["analytics"]
+    received_at = datetime.now(UTC)
+    ingestor: Ingestor = current_app.extensions["ingestor"]
     config = current_app.config
-    events, batch_timestamp = load_batch(read_json(request, config["MAX_BODY_BYTES"], config["BODY_READ_TIMEOUT"]))
-    accepted, rejected = ingestor.check(events)
-    ingestor.write(accepted, batch_timestamp=batch_timestamp, **g.event_context)
-    body = {"success": True, "received": len(accepted)}
-    if rejected:
-        body["rejected"] = rejected
-    return body
+    # The parsed body lives only inside the pause: it is freed before the collector can run over it.
+    with collector_paused():
+        return ingestor.ingest(
+            read_json(request, config["MAX_BODY_BYTES"], config["BODY_READ_TIMEOUT"]), received_at, g.sender
+        )
 
 
 @bp.get("/healthz")
 def healthz() -> dict:
     """Liveness for load balancers and platforms."""
     return {"status": "ok"}
+
+
+@bp.get("/readyz")
+def readyz() -> dict:
+    """Readiness for load balancers: whether the event log can take a batch now (a 503 says why not)."""
+    reason = current_app.extensions["stdout"].unready_reason(min_free=3 * current_app.config["MAX_BODY_BYTES"])
+    if reason:
+        raise ApiError(503, "Not ready", reason=reason)
+    return {"status": "ready"}

@@ -124,7 +124,7 @@ def read_json(request: Request, limit: int, timeout: float) -> Any:
     """Parse the body as JSON whatever the Content-Type says; raise ApiError if that cannot be done."""
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in GZIP and encoding not in IDENTITY:
-        raise ApiError(415, "Unsupported Content-Encoding", supported=["gzip", "identity"])
+        raise ApiError(415, "Unsupported Content-Encoding", supported=[*GZIP, "identity"])
     with _read_timeout(request, timeout):
         body = _read(request, limit)
     if encoding in GZIP:

@@ -1,72 +1,77 @@
-"""The event log: every accepted event as one JSON line on stdout, a batch at a time.
+"""The event log: each accepted event rendered as one JSON line, through structlog, and handed to every sink.
 
-A batch is rendered into one buffer here and handed to ``analytics.stdout.LockedWriter``,
-which writes it whole, never interleaved with another worker's (its docstring says how).
+structlog emits event lines as it emits any log line: the ingestor calls
+``logger.info(events=..., **context)`` on the logger that ``event_logger``
+builds; its processor, ``render_lines``, renders the batch (each event with the
+request's context); its logger, the ``EventLog``, hands the lines to the sinks.
+A sink is where lines go and says when it holds them: ``StdoutSink`` writes
+them to stdout whole, under a lock (``analytics.stdout``).
 """
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import orjson
 import structlog
 
+from analytics.lines import encode, escape_line_breaks
 from analytics.stdout import LockedWriter
 
-# Lines that log tools split on besides "\n" (Python's splitlines, JavaScript):
-# orjson writes these characters raw, so they are escaped to keep a line a line.
-_LINE_BREAKS = (
-    ("\u2028".encode(), b"\\u2028"),
-    ("\u2029".encode(), b"\\u2029"),
-    ("\x85".encode(), b"\\u0085"),
-)
+
+class Sink(Protocol):
+    """Where event lines go. ``write`` returns only once the sink holds every line, and raises otherwise."""
+
+    name: str
+
+    def write(self, lines: Sequence[bytes]) -> None:
+        """Take the batch's lines (each without its newline) whole, or raise."""
 
 
-class EventSink:
-    """The structlog logger at the end of the event chain: takes rendered bytes to the writer."""
+class StdoutSink:
+    """Event lines on stdout, one batch at a time, never interleaved with another worker's."""
+
+    name = "stdout"
 
     def __init__(self, writer: LockedWriter) -> None:
         self.writer = writer
 
-    def info(self, data: bytes) -> None:
-        self.writer.write(data)
+    def write(self, lines: Sequence[bytes]) -> None:
+        # One buffer, one locked write: a batch is never split between two writers.
+        self.writer.write(b"\n".join(lines) + b"\n")
 
 
-def render_lines(logger: Any, method_name: str, event_dict: dict[str, Any]) -> bytes:
-    """The structlog renderer for event lines: one JSON line per event of the batch.
+def render_lines(logger: Any, method_name: str, event_dict: dict[str, Any]) -> tuple[tuple[list[bytes]], dict]:
+    """The structlog processor for event lines: one line per event of the batch, ``kind`` and ``type`` first.
 
-    ``event_dict`` holds the batch's events and the request's bound context. The
+    ``event_dict`` holds the batch's ``events`` and the request's context. The
     context is rendered once, and each event's own JSON has its closing brace
-    replaced by it: one join builds the whole buffer.
+    replaced by it, rather than a merged dict being built and rendered per event.
     """
     events = event_dict.pop("events")
-    del event_dict["event"]
-    ending = (b"," + orjson.dumps(event_dict, option=orjson.OPT_UTC_Z)[1:] if event_dict else b"}") + b"\n"
-    data = ending.join(
-        [
-            orjson.dumps({"kind": "event", "type": event["type"], **event}, option=orjson.OPT_UTC_Z)[:-1]
-            for event in events
-        ]
-    )
-    data += ending
-    # Every line break to escape starts with one of these bytes: a memchr scan
-    # rules them out in well under a microsecond, three substring scans take 50.
-    if b"\xe2" in data or b"\xc2" in data:
-        for char, escaped in _LINE_BREAKS:
-            data = data.replace(char, escaped)
-    return data
+    tail = b"," + encode(event_dict)[1:] if event_dict else b"}"
+    lines = []
+    for event in events:
+        head = orjson.dumps({"kind": "event", "type": event["type"], **event}, option=orjson.OPT_UTC_Z)[:-1]
+        lines.append(escape_line_breaks(head) + tail)
+    return (lines,), {}
 
 
 class EventLog:
-    """Writes batches of accepted events through structlog, each event one line."""
+    """The logger at the end of the event chain: gives each batch's lines to every sink, in order."""
 
-    def __init__(self, writer: LockedWriter) -> None:
-        self._logger = structlog.wrap_logger(
-            EventSink(writer),
-            processors=[render_lines],
-            wrapper_class=structlog.BoundLogger,
-            cache_logger_on_first_use=True,
-        )
+    def __init__(self, sinks: Sequence[Sink]) -> None:
+        self.sinks = tuple(sinks)
 
-    def write(self, events: list[dict[str, Any]], **context: Any) -> None:
-        """Write one line per event, carrying ``context``; raise LogWriteError if they could not all be."""
-        # Only the request's keys go on event lines, not every context variable.
-        self._logger.info("events", events=events, **context)
+    def info(self, lines: list[bytes]) -> None:
+        for sink in self.sinks:
+            sink.write(lines)
+
+
+def event_logger(event_log: EventLog) -> Any:
+    """The structlog logger that renders batches into ``event_log``; it carries no context of its own."""
+    return structlog.wrap_logger(
+        event_log,
+        processors=[render_lines],
+        wrapper_class=structlog.BoundLogger,
+        cache_logger_on_first_use=True,
+    )

@@ -9,10 +9,11 @@ tests/test_fastload.py check that the two agree on arbitrary input.
 """
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate
+from marshmallow.decorators import POST_LOAD, PRE_LOAD, VALIDATES, VALIDATES_SCHEMA
 
 from analytics.schemas import JsonArray, Timestamp
 
@@ -99,18 +100,41 @@ def _field_check(field: fields.Field) -> FieldCheck:
     return builder(field)
 
 
-def compile_loader(schema: Schema, whole: Callable[[dict], bool] | None = None) -> Callable[[Any], dict | None]:
+def _whole_check(schema: Schema, predicates: Mapping[str, Callable[[dict], bool]]) -> Callable[[dict], bool] | None:
+    """The schema's load hooks as one predicate over the raw input, refusing any hook not given as a predicate.
+
+    A hook runs code the loader cannot see: a ``@validates_schema`` added later
+    would otherwise be skipped by the fast path without a word. Only
+    schema-level validators can be stood in for (by a predicate that accepts
+    what they accept); pre- and post-load hooks change the data, so none is taken.
+    """
+    hooks = type(schema).resolve_hooks()
+    for tag in (PRE_LOAD, POST_LOAD, VALIDATES, VALIDATES_SCHEMA):
+        for name, _, _ in hooks.get(tag, ()):
+            if tag != VALIDATES_SCHEMA or name not in predicates:
+                raise TypeError(f"fastload cannot derive a loader for {type(schema).__name__}: its {tag} hook {name}")
+    checks = [predicates[name] for name, _, _ in hooks.get(VALIDATES_SCHEMA, ())]
+    if len(checks) < 2:
+        return checks[0] if checks else None
+    return lambda raw: all(check(raw) for check in checks)
+
+
+def compile_loader(
+    schema: Schema, hooks: Mapping[str, Callable[[dict], bool]] | None = None
+) -> Callable[[Any], dict | None]:
     """Return ``load(raw)``: what ``schema.load(raw)`` returns, or None to let marshmallow decide.
 
-    ``whole`` is the schema's own schema-level validation as a predicate, for
-    the schemas that have one. Unknown keys always defer, whatever the schema's
-    unknown policy, so marshmallow applies it.
+    ``hooks`` maps the name of each of the schema's ``@validates_schema``
+    methods to a predicate on the raw input that holds where the hook passes;
+    any other hook makes this refuse the schema. Unknown keys always defer,
+    whatever the schema's unknown policy, so marshmallow applies it.
     """
     checks = {}
     for name, field in schema.load_fields.items():
         if field.data_key not in (None, name):
             raise TypeError(f"fastload cannot derive a loader for {name!r}: its data_key differs")
         checks[name] = _field_check(field)
+    whole = _whole_check(schema, hooks or {})
     required = frozenset(name for name, field in schema.load_fields.items() if field.required)
     known = frozenset(checks)
 

@@ -79,10 +79,10 @@ class GunicornLogger(glogging.Logger):
     gunicorn turns its access log on whenever ``logconfig_dict`` is set, and we
     set that only to make its lines JSON. An access line costs about a sixth of
     a one-event request (py-spy, bench/), and nginx or the platform's router
-    already logs every request.
+    already logs every request. ``access_log_enabled`` is the public switch its
+    workers read before building an access line.
     """
 
-    # A private gunicorn method (gunicorn is pinned): tests/test_e2e.py::test_access_log_only_when_asked
-    # fails if an upgrade renames it.
-    def _compute_access_log_enabled(self) -> bool:
+    @property
+    def access_log_enabled(self) -> bool:
         return self.cfg.accesslog is not None

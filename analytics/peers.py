@@ -1,67 +1,87 @@
 """Who sent a request: the client's address and the request id, believing only trusted proxies."""
 
 import ipaddress
-import itertools
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import lru_cache
 
 # A proxy's X-Request-ID is taken only if it looks like an id, not like an attack on log readers.
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+# The longest text an address can be: IPv6 with an embedded IPv4 is 45 characters, plus a scope id.
+MAX_ADDRESS_CHARS = 64
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class RequestIds:
-    """New request ids: a random prefix per process and a counter, unique without a system call each."""
-
-    def __init__(self) -> None:
-        self._reset()
-        # A forked worker must not repeat its parent's ids (gunicorn's --preload forks a built app).
-        os.register_at_fork(after_in_child=self._reset)
-
-    def _reset(self) -> None:
-        # One tuple, swapped whole, so that threads never see half of it.
-        self._state = (os.urandom(8).hex(), itertools.count())
-
-    def new(self) -> str:
-        prefix, counter = self._state
-        return f"{prefix}{next(counter):016x}"
+def new_request_id() -> str:
+    """A fresh random id: unique, and unlike a counter it tells a client nothing about the request volume."""
+    return os.urandom(16).hex()
 
 
-REQUEST_IDS = RequestIds()
+# Cached because a proxy sends the same few addresses over and over; keys are at most
+# MAX_ADDRESS_CHARS long, so the cache holds at most 1024 short strings whatever clients send.
+@lru_cache(maxsize=1024)
+def _parse_short(text: str) -> IPAddress | None:
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    # An IPv4 client reaching a dual-stack socket shows up as ::ffff:a.b.c.d: it is that IPv4 address.
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    return ip
+
+
+def parse_address(text: str) -> IPAddress | None:
+    """``text`` as an address (an IPv4-mapped IPv6 one as its IPv4 address), or None if it is not one."""
+    text = text.strip()
+    if len(text) > MAX_ADDRESS_CHARS:
+        return None
+    return _parse_short(text)
+
+
+@dataclass(frozen=True)
+class Sender:
+    """Who sent a request: its id and the client's address (None when the server gave none)."""
+
+    request_id: str
+    client_ip: str | None
 
 
 class Peers:
     """Decides, from TRUSTED_PROXIES, which forwarded headers to believe."""
 
     def __init__(self, trusted: Iterable[str]) -> None:
+        # config.check_settings has made sure every entry parses.
         self._networks = tuple(ipaddress.ip_network(entry, strict=False) for entry in trusted)
-        self.is_trusted = lru_cache(maxsize=1024)(self._is_trusted)
+        # Keyed by parsed addresses, which are small whatever a client sends.
+        self._is_trusted = lru_cache(maxsize=1024)(self._in_networks)
 
-    def _is_trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address.strip())
-        except ValueError:
-            return False
+    def _in_networks(self, ip: IPAddress) -> bool:
         return any(ip in network for network in self._networks)
 
-    def identify(self, environ: dict) -> tuple[str, str | None]:
+    def identify(self, environ: dict) -> Sender:
         """The request's id and its client's address, believing forwarded headers from trusted proxies only.
 
         The id is the trusted proxy's X-Request-ID where it sent a sane one, else a
         new one; the address is the nearest one in X-Forwarded-For that is not a
-        trusted proxy of ours. Read from the WSGI environ: this runs on every request.
+        trusted proxy of ours. A hop that is not an address ends the walk: what lies
+        beyond it cannot be believed, so the last address before it is the client's.
+        Read from the WSGI environ: this runs on every request.
         """
-        address = environ.get("REMOTE_ADDR")
-        if not address or not self.is_trusted(address):
-            return REQUEST_IDS.new(), address
+        peer = parse_address(environ.get("REMOTE_ADDR") or "")
+        if peer is None or not self._is_trusted(peer):
+            return Sender(new_request_id(), str(peer) if peer else None)
         incoming = environ.get("HTTP_X_REQUEST_ID")
-        request_id = incoming if incoming and REQUEST_ID_PATTERN.fullmatch(incoming) else REQUEST_IDS.new()
+        request_id = incoming if incoming and REQUEST_ID_PATTERN.fullmatch(incoming) else new_request_id()
+        address = peer
         for hop in reversed(environ.get("HTTP_X_FORWARDED_FOR", "").split(",")):
-            hop = hop.strip()
-            if not hop:
+            ip = parse_address(hop)
+            if ip is None:
                 break
-            address = hop
-            if not self.is_trusted(address):
+            address = ip
+            if not self._is_trusted(ip):
                 break
-        return request_id, address
+        return Sender(request_id, str(address))

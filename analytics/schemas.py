@@ -5,6 +5,7 @@ from typing import Any
 import orjson
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate, validates_schema
 
+from analytics.lines import encode
 from analytics.timestamps import parse_timestamp
 
 
@@ -34,9 +35,14 @@ class JsonArray(fields.Field):
 
 
 def size_error(event: Any, max_bytes: int) -> str | None:
-    """Why ``event`` cannot be logged as one line, or None: MAX_EVENT_BYTES measures compact JSON."""
+    """Why ``event`` cannot be logged as one line, or None.
+
+    MAX_EVENT_BYTES measures the event as its line holds it (``analytics.lines``:
+    compact JSON, line breaks escaped), so the limit bounds what is written, not
+    only what was sent. The line adds its context to that (see docs/event-log.md).
+    """
     try:
-        size = len(orjson.dumps(event))
+        size = len(encode(event))
     except orjson.JSONEncodeError:
         # orjson writes at most 254 levels of nesting; parsing allows 1024.
         return "Event is nested too deeply to log."
@@ -73,7 +79,7 @@ class EventSchema(Schema):
         return size_error(event, self.max_bytes) is None
 
     @validates_schema(pass_original=True)
-    def _within_size(self, data: dict, original_data: Any, **kwargs: Any) -> None:
+    def within_size(self, data: dict, original_data: Any, **kwargs: Any) -> None:
         error = size_error(original_data, self.max_bytes)
         if error:
             raise ValidationError(error)

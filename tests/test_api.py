@@ -104,13 +104,13 @@ def test_gzip_body(client, capfd):
             b'{"events": []}',
             {"Content-Encoding": "br"},
             415,
-            {"error": "Unsupported Content-Encoding", "supported": ["gzip", "identity"]},
+            {"error": "Unsupported Content-Encoding", "supported": ["gzip", "x-gzip", "identity"]},
         ),
         (
             b'{"events": []}',
             {"Content-Encoding": "deflate"},
             415,
-            {"error": "Unsupported Content-Encoding", "supported": ["gzip", "identity"]},
+            {"error": "Unsupported Content-Encoding", "supported": ["gzip", "x-gzip", "identity"]},
         ),
     ],
 )
@@ -425,15 +425,30 @@ def test_no_cors_headers_without_an_origin_or_outside_the_api(client):
     assert "Access-Control-Allow-Origin" not in health.headers
 
 
-def test_cors_origins_setting():
-    """With CORS_ORIGINS listed, those origins are named (and Vary says so); others get no CORS headers."""
+def test_cors_origins_setting(capfd):
+    """With CORS_ORIGINS listed, those origins are named (and Vary says so); others are refused, nothing written."""
     client = create_app({"TESTING": True, "CORS_ORIGINS": ["https://shop.example"]}).test_client()
-    allowed = post(client, {"events": []}, headers={"Origin": "https://shop.example"})
-    other = post(client, {"events": []}, headers={"Origin": "https://evil.example"})
-    assert (allowed.status_code, other.status_code) == (200, 200)
+    allowed = post(client, ONE, headers={"Origin": "https://shop.example"})
+    assert (allowed.status_code, allowed.json) == (200, {"success": True, "received": 1})
     assert allowed.headers["Access-Control-Allow-Origin"] == "https://shop.example"
     assert "Origin" in allowed.headers["Vary"]
-    assert "Access-Control-Allow-Origin" not in other.headers
+    assert len(event_lines(capfd)) == 1
+    # A text/plain POST needs no preflight: the browser sends it, and only hides the answer.
+    for origin in ("https://evil.example", "https://shop.example.evil.example", "null", "https://SHOP.example"):
+        other = post(client, ONE, headers={"Origin": origin, "Content-Type": "text/plain"})
+        assert (other.status_code, other.json) == (403, {"error": "Origin not allowed"}), origin
+        assert "Access-Control-Allow-Origin" not in other.headers
+        assert len(other.headers["X-Request-ID"]) == 32
+    preflight = client.options(
+        "/api/analytics", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    )
+    assert (preflight.status_code, preflight.json) == (403, {"error": "Origin not allowed"})
+    # Servers and curl send no Origin: not a browser's request, not refused.
+    plain = post(client, ONE)
+    assert (plain.status_code, plain.json) == (200, {"success": True, "received": 1})
+    assert len(event_lines(capfd)) == 1
+    # Paths outside the API (the script, the demo page) are for every origin.
+    assert client.get("/healthz", headers={"Origin": "https://evil.example"}).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -531,7 +546,7 @@ def test_unexpected_error_is_json_500(monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(app.extensions["analytics"], "check", explode)
+    monkeypatch.setattr(app.extensions["ingestor"], "check", explode)
     with capture_logs() as logs:
         response = post(app.test_client(), ONE)
     assert (response.status_code, response.json) == (500, {"error": "Internal server error"})

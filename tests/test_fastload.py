@@ -5,7 +5,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from marshmallow import ValidationError, fields
+from marshmallow import ValidationError, fields, post_load, pre_load, validates_schema
 
 from analytics.fastload import compile_loader
 from analytics.ingest import BATCH_SCHEMA, FAST_LOAD_BATCH
@@ -13,7 +13,7 @@ from analytics.schemas import EventSchema
 from tests.strategies import events, json_values, timestamps
 
 SCHEMA = EventSchema(max_bytes=300)
-FAST_LOAD = compile_loader(SCHEMA, whole=SCHEMA.fits)
+FAST_LOAD = compile_loader(SCHEMA, hooks={"within_size": SCHEMA.fits})
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1000"))
 
 # Handed straight to the loaders, never through a JSON parser: integers of any size.
@@ -51,7 +51,31 @@ def test_unknown_kind_of_field_is_refused():
         count = fields.Integer()
 
     with pytest.raises(TypeError, match="Integer"):
-        compile_loader(Extended(max_bytes=100))
+        compile_loader(Extended(max_bytes=100), hooks={"within_size": SCHEMA.fits})
+
+
+@pytest.mark.parametrize("decorator", [validates_schema, post_load, pre_load])
+def test_a_hook_not_given_is_refused(decorator):
+    """A schema hook the loader was not given stops the app from starting: the fast path would skip it.
+
+    Checked with the case that motivated it: a subclass rejecting one type is rejected by
+    marshmallow, and a loader that ignored the hook would accept it.
+    """
+
+    class Forbidding(EventSchema):
+        @decorator
+        def forbid(self, data: dict, **kwargs: object) -> dict:
+            if data.get("type") == "forbidden":
+                raise ValidationError("forbidden")
+            return data
+
+    schema = Forbidding(max_bytes=1000)
+    with pytest.raises(ValidationError):
+        schema.load({"type": "forbidden"})
+    with pytest.raises(TypeError, match="forbid"):
+        compile_loader(schema, hooks={"within_size": schema.fits})
+    with pytest.raises(TypeError, match="within_size"):
+        compile_loader(EventSchema(max_bytes=1000))
 
 
 batches = st.one_of(

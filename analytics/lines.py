@@ -1,0 +1,34 @@
+"""How an event becomes bytes of a line: compact JSON, with every character that log tools split lines on escaped.
+
+One definition, for the size check (an event is refused when its line would be
+too long) and for the event log (which writes exactly that), so the limit
+applies to what is written.
+"""
+
+from typing import Any
+
+import orjson
+
+# Lines that log tools split on besides "\n" (Python's splitlines, JavaScript):
+# orjson writes these characters raw, so they are escaped to keep a line a line.
+# Escaping is what makes a line longer than the JSON it came from (U+0085 is 2 bytes raw, 6 escaped).
+_LINE_BREAKS = (
+    ("\u2028".encode(), b"\\u2028"),
+    ("\u2029".encode(), b"\\u2029"),
+    ("\x85".encode(), b"\\u0085"),
+)
+
+
+def escape_line_breaks(data: bytes) -> bytes:
+    """``data`` with U+2028, U+2029 and U+0085 written as JSON escapes."""
+    # Every one of them starts with one of these bytes: a memchr scan rules them
+    # out in well under a microsecond, three substring scans take 50.
+    if b"\xe2" in data or b"\xc2" in data:
+        for char, escaped in _LINE_BREAKS:
+            data = data.replace(char, escaped)
+    return data
+
+
+def encode(value: Any) -> bytes:
+    """``value`` as the bytes a line holds: compact JSON (UTC times with Z), line breaks escaped."""
+    return escape_line_breaks(orjson.dumps(value, option=orjson.OPT_UTC_Z))

@@ -1,0 +1,190 @@
+"""What one request can make the service spend is bounded by its size: log bytes and CPU.
+
+Memory is bounded in tests/test_memory.py. Costs here are measured against a
+valid batch in the same run, never against a fixed time: the machine is shared.
+"""
+
+import statistics
+import time
+import uuid
+from typing import Any
+
+import orjson
+import pytest
+from flask.testing import FlaskClient
+
+from app import create_app
+from config import Config
+
+# What a line may hold besides its event's own JSON (docs/event-log.md).
+CONTEXT_ALLOWANCE = 2048
+# Log bytes a request may write: this many per decompressed body byte, plus the allowance per event.
+BYTES_PER_BODY_BYTE = 4
+MAX_BODY = Config.MAX_BODY_BYTES
+LONGEST_REQUEST_ID = "r" * 128
+LONGEST_ADDRESS = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
+
+
+def send(client: FlaskClient, body: bytes) -> Any:
+    """POST ``body`` as a trusted proxy would, with the longest request id and address it may pass on."""
+    return client.post(
+        "/api/analytics",
+        data=body,
+        headers={"X-Request-ID": LONGEST_REQUEST_ID, "X-Forwarded-For": LONGEST_ADDRESS},
+        environ_base={"REMOTE_ADDR": "127.0.0.1"},
+    )
+
+
+def fill(prefix: bytes, unit: bytes, suffix: bytes, size: int = MAX_BODY) -> bytes:
+    """``prefix``, then ``unit`` repeated (comma-separated) as often as fits in ``size`` bytes, then ``suffix``."""
+    count = (size - len(prefix) - len(suffix) + 1) // (len(unit) + 1)
+    return prefix + b",".join([unit] * count) + suffix
+
+
+def events_body(event: bytes, count: int) -> bytes:
+    """A batch of ``count`` copies of the event ``event`` (JSON text), with a batch timestamp."""
+    return b'{"timestamp":1.5,"events":[' + b",".join([event] * count) + b"]}"
+
+
+# Events that grow the most from the bytes sent to the bytes written: raw U+0085 (2 bytes) is
+# written as \u0085 (6), U+2028 (3) as \u2028 (6), 1e15 (4) as 1000000000000000.0 (18), and a
+# numeric timestamp as an RFC 3339 string. (prefix, unit, separator, suffix) of each.
+EXPANDING = {
+    "next_line": (b'{"type":"a","timestamp":0.5,"payload":{"s":"', "\x85".encode(), b"", b'"}}'),
+    "line_separator": (b'{"type":"a","timestamp":0.5,"payload":{"s":"', "\u2028".encode(), b"", b'"}}'),
+    "exponents": (b'{"type":"a","timestamp":0.5,"payload":{"n":[', b"1e15", b",", b"]}}"),
+}
+
+
+def expanding_event(name: str, sent_bytes: int) -> bytes:
+    """An event of kind ``name`` that is about ``sent_bytes`` long as sent."""
+    prefix, unit, separator, suffix = EXPANDING[name]
+    count = max(1, (sent_bytes - len(prefix) - len(suffix)) // (len(unit) + len(separator)))
+    return prefix + separator.join([unit] * count) + suffix
+
+
+def written_lines(capfd: pytest.CaptureFixture[str]) -> list[bytes]:
+    """The lines the service wrote to stdout since the last call, each checked to be JSON."""
+    out = capfd.readouterr().out.encode()
+    lines = out.splitlines()
+    for line in lines:
+        orjson.loads(line)
+    return lines
+
+
+@pytest.mark.parametrize("name", EXPANDING)
+def test_no_line_is_longer_than_the_limit_plus_the_allowance(capfd, name):
+    """Whatever escaping and rewriting do to an event, its line stays within MAX_EVENT_BYTES + 2 KiB.
+
+    With the Heroku advice's MAX_EVENT_BYTES of 9000, events of every size up to the limit as
+    sent: those whose line would pass the limit are rejected in `rejected`, not written long
+    (before, 9000 bytes of U+0085 made a 27 KB line), and the others are written.
+    """
+    client = create_app({"TESTING": True, "MAX_EVENT_BYTES": 9000}).test_client()
+    sizes = range(500, 9001, 500)
+    body = b'{"timestamp":1.5,"events":[' + b",".join(expanding_event(name, size) for size in sizes) + b"]}"
+    response = send(client, body)
+    assert response.status_code == 200, response.json
+    lines = written_lines(capfd)
+    assert len(lines) == response.json["received"] > 0
+    assert {error for entry in response.json["rejected"] for error in entry["errors"]["_schema"]} == {
+        "Event is larger than 9000 bytes as JSON."
+    }
+    for line in lines:
+        assert len(line) <= 9000 + CONTEXT_ALLOWANCE
+        assert orjson.loads(line)["request_id"] == LONGEST_REQUEST_ID
+
+
+@pytest.mark.parametrize("name", [*EXPANDING, "tiny"])
+def test_log_bytes_per_body_byte(capfd, name):
+    """A request writes at most 4 bytes per decompressed body byte, plus 2 KiB per accepted event.
+
+    Each body is as large as the service takes (MAX_BODY_BYTES), made of the events that grow
+    the most when written, or of the smallest events there are (each line's context then weighs most).
+    """
+    client = create_app({"TESTING": True}).test_client()
+    if name == "tiny":
+        event, count = b'{"type":"a","timestamp":0.5}', Config.MAX_EVENTS
+    else:
+        event = expanding_event(name, Config.MAX_EVENT_BYTES // 4)
+        count = (MAX_BODY - 64) // (len(event) + 1)
+    body = events_body(event, count)
+    assert len(body) <= MAX_BODY
+    response = send(client, body)
+    assert (response.status_code, response.json) == (200, {"success": True, "received": count})
+    lines = written_lines(capfd)
+    assert len(lines) == count
+    assert sum(len(line) + 1 for line in lines) <= BYTES_PER_BODY_BYTE * len(body) + CONTEXT_ALLOWANCE * count
+
+
+def realistic_event(number: int) -> dict[str, Any]:
+    """A page view of about 700 bytes, as a shop's pages send them."""
+    return {
+        "type": "page_view",
+        "payload": {
+            "url": f"https://shop.example/products/{number}?utm_source=newsletter&utm_medium=email",
+            "referrer": "https://www.example.org/search?q=books",
+            "title": f"Product {number} - The Shop",
+            "screen": "1920x1080",
+            "items": [{"sku": f"BOOK-{item}", "price": 19.5, "quantity": 1} for item in range(8)],
+        },
+        "userId": f"user-{number}",
+        "sessionId": str(uuid.uuid4()),
+        "id": str(uuid.uuid4()),
+        "timestamp": "2024-05-20T14:32:00.123Z",
+    }
+
+
+def per_event(event: bytes) -> bytes:
+    """A full body of copies of ``event``, at most MAX_EVENTS of them."""
+    return events_body(event, min(Config.MAX_EVENTS, (MAX_BODY - 64) // (len(event) + 1)))
+
+
+# The costliest bodies found, each at most MAX_BODY_BYTES: most containers per byte, as an
+# ignored part, inside a payload, in many accepted events, deeply nested, in invalid events.
+WORST_BODIES = {
+    "arrays_beside_the_events": fill(b'{"events":[{"type":"a"}],"x":[', b"[]", b"]}"),
+    "arrays_in_one_payload": fill(b'{"events":[{"type":"a","payload":{"x":[', b"[]", b"]}}]}"),
+    "arrays_in_every_payload": per_event(b'{"type":"a","payload":{"x":[' + b",".join([b"[0]"] * 250) + b"]}}"),
+    "objects_in_every_payload": per_event(b'{"type":"a","payload":{"x":[' + b",".join([b"{}"] * 340) + b"]}}"),
+    "deep_payloads": per_event(b'{"type":"a","payload":{"x":' + b"[" * 250 + b"]" * 250 + b"}}"),
+    "many_keys": per_event(b'{"type":"a","payload":{' + b",".join(b'"k%d":0' % i for i in range(120)) + b"}}"),
+    "invalid_events": per_event(b'{"type":1,"payload":{"x":[' + b",".join([b"[0]"] * 250) + b"]}}"),
+    "unknown_fields": per_event(b'{"type":"a","zz":[' + b",".join([b"[0]"] * 250) + b"]}"),
+    "escapes": fill(b'{"events":[{"type":"a"}],"x":[', b'"\\u0085\\u0000"', b"]}"),
+}
+# "A few times" a valid batch of a thousand events, as the worst any body may cost.
+WORST_OVER_VALID = 5
+
+
+def cpu_seconds(client: FlaskClient, body: bytes) -> float:
+    """The CPU time this process spends answering ``body`` (the service runs in it: Flask's test client)."""
+    start = time.process_time()
+    client.post("/api/analytics", data=body)
+    return time.process_time() - start
+
+
+def test_no_body_costs_more_than_a_few_valid_batches(capfd):
+    """The worst body costs at most a few times the CPU of a valid 1000-event batch, measured in the same run.
+
+    Before, 1 MiB of nested empty arrays (2 KB of gzip) cost about 40 valid batches: the cycle
+    collector traversed the hundreds of thousands of fresh lists again and again while they were
+    parsed. Medians of interleaved runs, CPU time rather than wall time, so other load matters less.
+    """
+    client = create_app({"TESTING": True}).test_client()
+    valid = orjson.dumps({"events": [realistic_event(number) for number in range(Config.MAX_EVENTS)]})
+    assert client.post("/api/analytics", data=valid).json == {"success": True, "received": Config.MAX_EVENTS}
+    for name, body in WORST_BODIES.items():
+        assert len(body) <= MAX_BODY, name
+        assert client.post("/api/analytics", data=body).status_code in (200, 400), name
+    capfd.readouterr()
+    costs: dict[str, list[float]] = {name: [] for name in ["valid", *WORST_BODIES]}
+    for _ in range(5):
+        costs["valid"].append(cpu_seconds(client, valid))
+        for name, body in WORST_BODIES.items():
+            costs[name].append(cpu_seconds(client, body))
+        capfd.readouterr()
+    valid_cost = statistics.median(costs.pop("valid"))
+    ratios = {name: round(statistics.median(times) / valid_cost, 1) for name, times in costs.items()}
+    print(ratios)
+    assert max(ratios.values()) <= WORST_OVER_VALID, ratios
