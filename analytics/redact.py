@@ -1,35 +1,186 @@
-"""Masking of secret-looking payload keys before anything is written."""
+"""Masking of secret-named payload keys before anything is written.
 
-from collections.abc import Iterable
+A key is split into words: at case changes ("newPassword"; "APIKey" is "API"
+and "Key"), between letters and digits, and at anything that is neither
+("x-api-key", "user.password", "api key"). A key is secret when a run of its
+consecutive words, joined and lower-cased, is one of the secret words, or one
+of them plus "s". The secret words are the REDACT_KEYS entries (and
+REDACT_KEYS_EXTRA's), lower-cased, with everything but letters and digits
+taken out: "credit card" is "creditcard". So "passWord", "creditCardNumber"
+and "tokens" are secret, and "tokenizer", "classname" and "author" are not: a
+secret word is whole words of the key, never part of one.
+
+Keys come from clients and may be a MiB long, so the words are never listed.
+A run of words spells a secret word exactly when the secret word's letters
+appear in the key in order with only separators between them, the first at a
+word's start and the last at a word's end; one regular expression looks for
+that, testing where a word starts or ends only around a candidate's first and
+last letters. It tries each position of the key once, and from each follows at
+most one secret word's letters, so its cost is linear in the key's length.
+"""
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any
 
+import structlog
+
+log = structlog.get_logger()
+
 REDACTED = "[REDACTED]"
 
+# Keys up to this long have their answer cached: payloads repeat the same few short keys in
+# every event. A longer key is checked afresh each time, so that the cache, filled with
+# whatever clients send, holds at most CACHED_KEYS keys of CACHED_KEY_CHARS characters.
+CACHED_KEY_CHARS = 64
+CACHED_KEYS = 4096
 
-@lru_cache(maxsize=4096)
-def normalize_key(key: str) -> str:
-    """The form keys are compared in: "Access-Token" and "accessToken" both become "accesstoken".
 
-    Cached: payloads repeat the same few keys in every event.
+def _char_class(chars: Iterable[str]) -> str:
+    """The inside of a regular-expression character set holding ``chars``, as ranges."""
+    points = sorted(map(ord, chars))
+    ranges = []
+    start = end = points[0]
+    for point in points[1:]:
+        if point != end + 1:
+            ranges.append((start, end))
+            start = point
+        end = point
+    ranges.append((start, end))
+    return "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
+
+
+def _case_tables() -> tuple[str, dict[str, list[str]]]:
+    """The upper-case letters as a character set, and for each lower-case letter the letters lowering to it.
+
+    Python's re has no class for upper-case letters, hence the scan, once. No code
+    point past plane 1 has case.
     """
-    return key.lower().replace("_", "").replace("-", "")
+    upper, lowering_to = [], defaultdict(list)
+    for char in map(chr, range(0x10000)):
+        if char.isupper() or char.istitle():
+            upper.append(char)
+        lower = char.lower()
+        if lower != char and len(lower) == 1:
+            lowering_to[lower].append(char)
+    return _char_class(upper), lowering_to
 
 
-def redacted_key_set(keys: Iterable[str]) -> frozenset[str]:
-    """The REDACT_KEYS setting in the form ``redact`` compares against."""
-    return frozenset(normalize_key(key) for key in keys)
+UPPER, LOWERING_TO = _case_tables()
+LETTER = r"[^\W\d_]"
+# Between two letters of a secret word: anything but letters and digits.
+SEPARATORS = r"[\W_]*+"
+# Where a word starts, tested just after the candidate's first character (so the
+# lookbehinds see the one before it and the first), by the kind of that character.
+# A lower-case or caseless letter starts a word unless a letter comes before it.
+STARTS_AFTER_LOWER = rf"(?<!{LETTER}.)"
+# An upper-case one, unless an upper-case letter comes before it and no lower-case
+# or caseless letter after it ("APIKey": "K" starts "Key", "I" starts nothing).
+STARTS_AFTER_UPPER = rf"(?:(?<![{UPPER}].)|(?=(?![{UPPER}]){LETTER}))"
+# A digit, unless a digit comes before it.
+STARTS_AFTER_DIGIT = r"(?<!\d.)"
+# Where a word ends, tested after the candidate's last character: before a separator or
+# the end, between a digit and a letter, before an upper-case letter that follows
+# another letter, or before the capital of a word that follows an acronym.
+ENDS = (
+    rf"(?:(?![^\W_])|(?<=\d)(?={LETTER})|(?<={LETTER})(?=\d)"
+    rf"|(?<![{UPPER}])(?=[{UPPER}])|(?<=[{UPPER}])(?=[{UPPER}](?![{UPPER}]){LETTER}))"
+)
+# A secret word may take a plural "s", as a word of its own or not.
+PLURAL = rf"(?:{SEPARATORS}[sS])?"
 
 
-def redact(value: Any, keys: frozenset[str]) -> None:
-    """Replace, in place and at any depth, the value of every dict key in ``keys``."""
-    if type(value) is dict:
-        for key, item in value.items():
-            if normalize_key(key) in keys:
-                value[key] = REDACTED
-            elif type(item) is dict or type(item) is list:
-                redact(item, keys)
-    elif type(value) is list:
-        for item in value:
-            if type(item) is dict or type(item) is list:
-                redact(item, keys)
+def secret_word(entry: str) -> str:
+    """A REDACT_KEYS entry as it is matched: lower-cased, with nothing but letters and digits."""
+    return re.sub(r"[\W_]+", "", entry.lower())
+
+
+def _spellings(char: str) -> list[str]:
+    """The characters a key may have where a secret word has ``char``: those lower-casing to it."""
+    return [char, *LOWERING_TO.get(char, [])]
+
+
+def _word_start(char: str) -> str:
+    """The test that ``char``, just matched, starts a word."""
+    if char.isdecimal():
+        return STARTS_AFTER_DIGIT
+    if re.fullmatch(f"[{UPPER}]", char):
+        return STARTS_AFTER_UPPER
+    return STARTS_AFTER_LOWER
+
+
+def _rest(trie: dict[str, Any]) -> str:
+    """The pattern for the remaining letters of the secret words in ``trie`` (a letter tree), then their end."""
+    branches = [
+        SEPARATORS + f"[{''.join(map(re.escape, _spellings(char)))}]" + _rest(child)
+        for char, child in sorted(trie.items())
+        if char
+    ]
+    if "" in trie:
+        branches.append(PLURAL + ENDS)
+    return branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
+
+
+def secret_pattern(secrets: Iterable[str]) -> re.Pattern[str]:
+    """The expression that finds a run of words spelling one of ``secrets`` (as secret_word made them).
+
+    One branch per character that may start a secret word, each a plain character, so
+    that the search skips at C speed to the places where one of them is; letters
+    shared by several secret words are followed once (the branches form a tree).
+    """
+    trie: dict[str, Any] = {}
+    for secret in secrets:
+        node = trie
+        for char in secret:
+            node = node.setdefault(char, {})
+        node[""] = {}
+    branches = [
+        re.escape(spelling) + _word_start(spelling) + _rest(child)
+        for char, child in sorted(trie.items())
+        for spelling in _spellings(char)
+    ]
+    return re.compile("|".join(branches))
+
+
+class Redactor:
+    """Replaces the values of secret-named keys in payloads, for one set of secret words."""
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        secrets = {secret_word(entry) for entry in entries}
+        if not secrets or not all(secrets):
+            raise ValueError("every secret word needs a letter or a digit")
+        self._secret_run = secret_pattern(secrets)
+        self._cached_is_secret = lru_cache(maxsize=CACHED_KEYS)(self._is_secret)
+
+    def _is_secret(self, key: str) -> bool:
+        return self._secret_run.search(key) is not None
+
+    def is_secret(self, key: str) -> bool:
+        """Whether ``key`` names a secret."""
+        if len(key) <= CACHED_KEY_CHARS:
+            return self._cached_is_secret(key)
+        return self._is_secret(key)
+
+    def redact(self, value: Any) -> None:
+        """Replace, in place and at any depth, the value of every secret-named dict key in ``value``."""
+        if type(value) is dict:
+            for key, item in value.items():
+                # is_secret, inlined: this runs for every key of every event.
+                if self._cached_is_secret(key) if len(key) <= CACHED_KEY_CHARS else self._is_secret(key):
+                    value[key] = REDACTED
+                elif type(item) is dict or type(item) is list:
+                    self.redact(item)
+        elif type(value) is list:
+            for item in value:
+                if type(item) is dict or type(item) is list:
+                    self.redact(item)
+
+
+def redactor_from_settings(settings: Mapping[str, Any]) -> Redactor | None:
+    """The Redactor for REDACT_KEYS and REDACT_KEYS_EXTRA, or None (with a warning) if REDACT_PAYLOADS is off."""
+    if not settings["REDACT_PAYLOADS"]:
+        log.warning("redaction_off", setting="REDACT_PAYLOADS", effect="payload values are written as sent")
+        return None
+    return Redactor([*settings["REDACT_KEYS"], *settings["REDACT_KEYS_EXTRA"]])
