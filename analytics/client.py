@@ -10,9 +10,15 @@ good. Two URLs, one content:
   visitor within about a day of a deployment.
 - ``/analytics.js?v=<version>``, where ``<version>`` is that same hash: cached
   for a year and ``immutable``, for sites that pin a version (and may add
-  Subresource Integrity; the demo page shows the tag). A ``v`` that is not the
-  current version gets the current script under the stable URL's caching, so
-  a pinned tag keeps working after an upgrade instead of breaking the site.
+  Subresource Integrity; the demo page shows the tag). Only the current
+  version is served there: any other ``v`` is a 302 to the current one's URL.
+  Serving the current script under an old ``v`` would put other content under
+  a URL that caches keep for good, and under an integrity hash that no longer
+  matches; with the redirect a tag without ``integrity`` follows to the current
+  script, and one with it is blocked by the browser, visibly, until the site
+  takes the new tag from the demo page. The redirect has the stable URL's
+  caching (it changes at the next deployment), and the CORS headers below:
+  a ``crossorigin`` script load follows a redirect only when it has them.
 
 The script is served gzipped to clients that accept it (a proxy such as nginx
 passes that through as it is), with ``Vary: Accept-Encoding`` and an ETag of
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from flask import Blueprint, Response, render_template, request, url_for
+from flask import Blueprint, Response, redirect, render_template, request, url_for
 
 SCRIPT_PATH = Path(__file__).with_name("static") / "analytics.js"
 # The stable URL: fresh for a day, then served stale for up to a week while it is revalidated.
@@ -38,6 +44,13 @@ STABLE_CACHE = "public, max-age=86400, stale-while-revalidate=604800"
 PINNED_CACHE = "public, max-age=31536000, immutable"
 
 bp = Blueprint("client", __name__, template_folder="templates")
+
+
+def cross_origin(response: Response) -> Response:
+    """Let pages on any origin load ``response``, with ``crossorigin`` and under COEP too."""
+    response.headers["Access-Control-Allow-Origin"] = "*"
+    response.headers["Cross-Origin-Resource-Policy"] = "cross-origin"
+    return response
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,11 @@ def script() -> Script:
 def analytics_js() -> Response:
     """The browser client, cached as the module docstring explains."""
     current = script()
+    pinned = request.args.get("v")
+    if pinned is not None and pinned != current.version:
+        moved = redirect(url_for("client.analytics_js", v=current.version), 302)
+        moved.headers["Cache-Control"] = STABLE_CACHE
+        return cross_origin(moved)
     gzipped = request.accept_encodings["gzip"] > 0
     response = Response(current.gzipped if gzipped else current.body, mimetype="text/javascript")
     if gzipped:
@@ -74,14 +92,12 @@ def analytics_js() -> Response:
     response.vary.add("Accept-Encoding")
     # Each encoding is its own representation, so each has its own strong ETag.
     response.set_etag(current.version + ("-gzip" if gzipped else ""))
-    response.headers["Cache-Control"] = PINNED_CACHE if request.args.get("v") == current.version else STABLE_CACHE
-    response.headers["Access-Control-Allow-Origin"] = "*"
-    response.headers["Cross-Origin-Resource-Policy"] = "cross-origin"
+    response.headers["Cache-Control"] = PINNED_CACHE if pinned else STABLE_CACHE
     response.headers["X-Content-Type-Options"] = "nosniff"
     if request.if_none_match.contains_weak(response.get_etag()[0]):
         # werkzeug drops the body and the entity headers of a 304; ETag, caching and Vary stay.
         response.status_code = 304
-    return response
+    return cross_origin(response)
 
 
 @bp.get("/demo")

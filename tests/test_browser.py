@@ -6,6 +6,8 @@ its own origin. Event lines are read from gunicorn's stdout. Test knobs (short
 flush intervals and retry waits) are the script's own data- attributes.
 """
 
+import base64
+import hashlib
 import json
 import threading
 import time
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, Request, Route, sync_playwright
 
+from analytics.client import SCRIPT_PATH
 from tests.harness.gunicorn import ROOT, Server
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -39,6 +42,9 @@ CHROMIUM_ARGS = [
 ARTIFACTS = ROOT / "test-artifacts"
 PAGE_TEMPLATE = (Path(__file__).parent / "browser" / "page.html").read_text()
 UNSENT_PREFIX = "analytics:unsent:"
+# The client's caps on failed tries of an event: with no answer it can read (status 0), and in all.
+MAX_TRIES_UNANSWERED = 6
+MAX_TRIES = 20
 
 # Records every navigator.sendBeacon call in sessionStorage, which outlives the page that made it.
 SPY_BEACONS = """
@@ -50,14 +56,24 @@ navigator.sendBeacon = (url, data) => {
   return queued;
 };
 """
-# The browser signals Global Privacy Control, and every way to send is counted.
-GPC_AND_SPIES = """
-Object.defineProperty(Navigator.prototype, 'globalPrivacyControl', {get: () => true, configurable: true});
+# The browser signals Global Privacy Control, or Do Not Track.
+GPC = "Object.defineProperty(Navigator.prototype, 'globalPrivacyControl', {get: () => true, configurable: true});"
+DNT = "Object.defineProperty(Navigator.prototype, 'doNotTrack', {get: () => '1', configurable: true});"
+# Every way to send is counted.
+SPY_SENDS = """
 window.sends = [];
 const realFetch = window.fetch.bind(window);
 window.fetch = (...args) => { window.sends.push(['fetch', String(args[0])]); return realFetch(...args); };
 const realSendBeacon = navigator.sendBeacon.bind(navigator);
 navigator.sendBeacon = (...args) => { window.sends.push(['beacon', String(args[0])]); return realSendBeacon(...args); };
+"""
+# Counts in window.settled the fetches whose answer, or failure, the page has seen. The client's await
+# resumes in the same microtask run as this callback, before any other task: once the count is up, the
+# client has acted on that answer.
+COUNT_SETTLED = """
+window.settled = 0;
+const fetchToCount = window.fetch.bind(window);
+window.fetch = (...args) => fetchToCount(...args).finally(() => { window.settled += 1; });
 """
 
 
@@ -303,6 +319,129 @@ def test_400_is_not_retried_and_rejected_events_are_dropped(start_server: Callab
     ]
 
 
+def test_403_is_dropped_with_a_warning(start_server: Callable[..., Server], site: Site, tab: Tab):
+    """A 403 the page can read is like any other 4xx: tried once, dropped with a warning; the queue moves on."""
+    server = start_server(workers=2)
+    endpoint = f"{server.url}/api/analytics"
+    tries: list[str | None] = []
+
+    def forbidden_once(route: Route) -> None:
+        tries.append(route.request.post_data)
+        if len(tries) == 1:
+            route.fulfill(
+                status=403,
+                headers={"Access-Control-Allow-Origin": "*"},
+                content_type="application/json",
+                body='{"error": "Origin not allowed"}',
+            )
+        else:
+            route.continue_()
+
+    tab.page.route(endpoint, forbidden_once)
+    tab.page.goto(site.page_url(f"{server.url}/analytics.js", flush_interval=600000, retry_base=50))
+    refused = tab.page.evaluate("const ids = [analytics.track('a')]; analytics.flush(); ids")
+    tab.until(lambda: tab.warnings != [], "the warning")
+    taken = tab.page.evaluate("const ids = [analytics.track('b')]; analytics.flush(); ids")
+    assert [line["id"] for line in tab.lines(server, 1)] == taken
+    assert [event_ids(body) for body in tries] == [refused, taken]
+    assert tab.warnings == ["analytics: batch refused 403 {error: Origin not allowed} [Object]"]
+
+
+def test_origin_the_service_refuses_is_tried_six_times(start_server: Callable[..., Server], site: Site, tab: Tab):
+    """A page on an origin CORS_ORIGINS leaves out: nothing is written, each batch is dropped after six tries."""
+    server = start_server(workers=2, env={"ANALYTICS_CORS_ORIGINS": '["https://shop.example"]'})
+    tab.page.goto(site.page_url(f"{server.url}/analytics.js", flush_interval=600000, retry_base=50, retry_max=200))
+    first = tab.page.evaluate("const ids = [analytics.track('a')]; analytics.flush(); ids")
+    tab.until(lambda: len(tab.warnings) == 1, "the first batch dropped")
+    # One batch is in flight at a time: were the first still being retried, this one would never go.
+    second = tab.page.evaluate("const ids = [analytics.track('b')]; analytics.flush(); ids")
+    tab.until(lambda: len(tab.warnings) == 2, "the second batch dropped")
+    # The service's 403 carries no CORS headers: the page sees only a failed fetch, as on a network error.
+    assert [event_ids(r.post_data) for r in tab.api_requests] == [first] * 6 + [second] * 6
+    assert [r.failure for r in tab.api_requests] == ["net::ERR_FAILED"] * 12
+    assert [w.split(" ")[:7] for w in tab.warnings] == [
+        ["analytics:", "events", "dropped", "after", str(MAX_TRIES_UNANSWERED), "failed", "tries"]
+    ] * 2
+    # An event sent with no Origin, as a server sends it, is written: once its line is there, a line
+    # written for any earlier request would be there too.
+    status, _, _ = server.post("/api/analytics", b'{"events": [{"type": "control"}]}')
+    assert status == 200
+    assert [line["type"] for line in tab.lines(server, 1)] == ["control"]
+
+
+def test_5xx_is_retried_up_to_the_cap(start_server: Callable[..., Server], site: Site, tab: Tab):
+    """A batch the service keeps failing with 503 is tried 20 times, then dropped; the next batch goes."""
+    server = start_server(workers=2)
+    endpoint = f"{server.url}/api/analytics"
+    tries: list[str | None] = []
+
+    def unavailable_for_doomed(route: Route) -> None:
+        if '"type":"doomed"' in (route.request.post_data or ""):
+            tries.append(route.request.post_data)
+            route.fulfill(status=503, headers={"Access-Control-Allow-Origin": "*"}, body="{}")
+        else:
+            route.continue_()
+
+    tab.page.route(endpoint, unavailable_for_doomed)
+    tab.page.goto(site.page_url(f"{server.url}/analytics.js", flush_interval=600000, retry_base=1, retry_max=1))
+    doomed = tab.page.evaluate("const ids = [analytics.track('doomed')]; analytics.flush(); ids")
+    tab.until(lambda: tab.warnings != [], "the batch dropped")
+    later = tab.page.evaluate("const ids = [analytics.track('later')]; analytics.flush(); ids")
+    assert [line["id"] for line in tab.lines(server, 1)] == later
+    assert [event_ids(body) for body in tries] == [doomed] * MAX_TRIES
+    assert [w.split(" ")[:8] for w in tab.warnings] == [
+        ["analytics:", "events", "dropped", "after", str(MAX_TRIES), "failed", "tries", "503"]
+    ]
+
+
+def test_stored_events_are_tried_by_a_bounded_number_of_pages(
+    start_server: Callable[..., Server], site: Site, tab: Tab
+):
+    """Unsent events go to the next page with their count of tries: after the sixth unanswered one, none is left."""
+    server = start_server(workers=2)
+    endpoint = f"{server.url}/api/analytics"
+    tries: list[str | None] = []
+
+    def unreachable_for_doomed(route: Route) -> None:
+        if '"type":"doomed"' in (route.request.post_data or ""):
+            tries.append(route.request.post_data)
+            route.abort()
+        else:
+            route.continue_()
+
+    tab.page.route(endpoint, unreachable_for_doomed)
+    tab.page.add_init_script(COUNT_SETTLED)
+    # The retry waits up to an hour: each page tries once, when it loads (the first one when the event is tracked).
+    url = site.page_url(f"{server.url}/analytics.js", flush_interval=600000, retry_base=3600000, retry_max=3600000)
+    tab.page.goto(url)
+    doomed = tab.page.evaluate("const ids = [analytics.track('doomed')]; analytics.flush(); ids")
+    for page in range(1, MAX_TRIES_UNANSWERED + 1):
+        tab.until(lambda: tab.page.evaluate("window.settled") == 1, f"the try of page {page}")
+        tab.page.reload()
+    # The page after the sixth try sends only what it tracks itself.
+    later = tab.page.evaluate("const ids = [analytics.track('later')]; analytics.flush(); ids")
+    assert [line["id"] for line in tab.lines(server, 1)] == later
+    assert [event_ids(body) for body in tries] == [doomed] * MAX_TRIES_UNANSWERED
+    assert [event_ids(r.post_data) for r in tab.api_requests] == [doomed] * MAX_TRIES_UNANSWERED + [later]
+    assert [w.split(" ")[:5] for w in tab.warnings] == [
+        ["analytics:", "events", "dropped", "after", str(MAX_TRIES_UNANSWERED)]
+    ]
+    assert tab.stored_unsent() == []
+
+
+def test_tries_while_offline_do_not_count(start_server: Callable[..., Server], site: Site, tab: Tab):
+    """Offline, the client keeps retrying past the cap without dropping anything; back online, the events go."""
+    server = start_server(workers=2)
+    tab.page.add_init_script(COUNT_SETTLED)
+    tab.page.goto(site.page_url(f"{server.url}/analytics.js", flush_interval=600000, retry_base=10, retry_max=10))
+    tab.page.context.set_offline(True)
+    ids = tab.page.evaluate("const ids = [analytics.track('in_a_tunnel')]; analytics.flush(); ids")
+    tab.until(lambda: tab.page.evaluate("window.settled") > 2 * MAX_TRIES_UNANSWERED, "tries past the cap")
+    tab.page.context.set_offline(False)
+    assert [line["id"] for line in tab.lines(server, 1)] == ids
+    assert tab.warnings == []
+
+
 def test_413_splits_the_batch(start_server: Callable[..., Server], site: Site, tab: Tab):
     """A batch over the service's body limit is sent again as two halves, each logged once."""
     server = start_server(workers=2, env={"ANALYTICS_MAX_BODY_BYTES": "5000"})
@@ -353,7 +492,7 @@ def test_unsent_events_are_sent_by_the_next_page(start_server: Callable[..., Ser
 def test_global_privacy_control_sends_nothing(start_server: Callable[..., Server], site: Site, tab: Tab):
     """With GPC set nothing is sent or stored; data-respect-privacy="false" turns that off."""
     server = start_server(workers=2)
-    tab.page.add_init_script(GPC_AND_SPIES)
+    tab.page.add_init_script(GPC + SPY_SENDS)
     tab.page.goto(site.page_url(f"{server.url}/analytics.js", page_view=True, flush_interval=50))
     result = tab.page.evaluate(
         """() => {
@@ -361,18 +500,57 @@ def test_global_privacy_control_sends_nothing(start_server: Callable[..., Server
             analytics.identify('user-1');
             analytics.flush();
             dispatchEvent(new PageTransitionEvent('pagehide'));
-            return {gpc: navigator.globalPrivacyControl, ids, sends: window.sends,
+            return {gpc: navigator.globalPrivacyControl, enabled: analytics.enabled, ids, sends: window.sends,
                     local: Object.keys(localStorage), session: Object.keys(sessionStorage)};
         }"""
     )
-    assert result == {"gpc": True, "ids": [None] * 25, "sends": [], "local": [], "session": []}
+    assert result == {"gpc": True, "enabled": False, "ids": [None] * 25, "sends": [], "local": [], "session": []}
     tab.page.goto(site.url + "/blank.html")
     assert server.lines() == []
     # The same browser with the setting off does send: the check above can see a send.
     tab.page.goto(site.page_url(f"{server.url}/analytics.js", respect_privacy="false", flush_interval=50))
-    event_id = tab.page.evaluate("analytics.track('click')")
+    event_id, enabled = tab.page.evaluate("[analytics.track('click'), analytics.enabled]")
+    assert enabled is True
     assert [line["id"] for line in tab.lines(server, 1)] == [event_id]
     assert tab.page.evaluate("window.sends") == [["fetch", f"{server.url}/api/analytics"]]
+
+
+def test_pinned_tags_across_an_upgrade(start_server: Callable[..., Server], site: Site, tab: Tab):
+    """The current pin loads under its integrity hash; an older pin is redirected to it: followed without
+    integrity (the redirect's CORS headers let a crossorigin load follow it), blocked by the browser with it."""
+    server = start_server(workers=2)
+    script = SCRIPT_PATH.read_bytes()
+    version = hashlib.sha256(script).hexdigest()[:16]
+    integrity = "sha384-" + base64.b64encode(hashlib.sha384(script).digest()).decode()
+    older_integrity = "sha384-" + base64.b64encode(hashlib.sha384(b"// an older analytics.js\n").digest()).decode()
+    scripts: list[tuple[int, str]] = []
+    tab.page.on("response", lambda r: scripts.append((r.status, r.url)) if "/analytics.js" in r.url else None)
+    blocked: list[str] = []
+    tab.page.on("console", lambda m: blocked.append(m.text) if "'integrity'" in m.text else None)
+
+    def load(v: str, integrity: str | None) -> str:
+        """Load the test page with a pinned tag; what ``analytics`` is on it."""
+        scripts.clear()
+        hash_attribute = f' integrity="{integrity}"' if integrity else ""
+        site.script_tag = (
+            f'<script src="{server.url}/analytics.js?v={v}"{hash_attribute} crossorigin="anonymous"></script>'
+        )
+        tab.page.goto(site.url + "/page.html")
+        return tab.page.evaluate("typeof analytics")
+
+    current = f"{server.url}/analytics.js?v={version}"
+    older = f"{server.url}/analytics.js?v=0123456789abcdef"
+    assert load(version, integrity) == "object"
+    assert scripts == [(200, current)]
+    assert load("0123456789abcdef", None) == "object"
+    assert scripts == [(302, older), (200, current)]
+    assert blocked == []
+    assert load("0123456789abcdef", older_integrity) == "undefined"
+    assert scripts == [(302, older), (200, current)]
+    assert len(blocked) == 1
+    # The browser names the tag's URL, and the hash of what the redirect led to: the current script.
+    assert f"resource '{older}' with computed SHA-384 integrity '{integrity.removeprefix('sha384-')}'" in blocked[0]
+    assert blocked[0].endswith("The resource has been blocked.")
 
 
 def test_demo_page(start_server: Callable[..., Server], tab: Tab):
@@ -380,6 +558,8 @@ def test_demo_page(start_server: Callable[..., Server], tab: Tab):
     server = start_server(workers=2)
     tab.page.set_viewport_size({"width": 1000, "height": 800})
     tab.page.goto(server.url + "/demo")
+    assert tab.page.locator("#privacy-notice").is_hidden()
+    assert tab.page.evaluate("analytics.enabled") is True
     tab.page.click("#signup")
     tab.page.click("#add-to-cart")
     tab.page.fill("#query", "backoff")
@@ -403,3 +583,30 @@ def test_demo_page(start_server: Callable[..., Server], tab: Tab):
     ARTIFACTS.mkdir(exist_ok=True)
     tab.page.screenshot(path=ARTIFACTS / "demo.png", full_page=True)
     assert (ARTIFACTS / "demo.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "signal, init_script", [("Global Privacy Control", GPC), ("Do Not Track", DNT)], ids=["gpc", "dnt"]
+)
+def test_demo_page_says_when_nothing_is_sent(
+    start_server: Callable[..., Server], tab: Tab, signal: str, init_script: str
+):
+    """Under GPC or Do Not Track, /demo says it sends nothing and why, and its log says so for each button."""
+    server = start_server(workers=2)
+    tab.page.add_init_script(init_script + SPY_SENDS)
+    tab.page.set_viewport_size({"width": 1000, "height": 800})
+    tab.page.goto(server.url + "/demo")
+    notice = tab.page.locator("#privacy-notice")
+    assert notice.is_visible()
+    assert notice.text_content().startswith(
+        f"Not sending: your browser signals {signal}, and analytics.js respects it."
+    )
+    tab.page.click("#signup")
+    tab.page.click("#flush")
+    log = tab.page.text_content("#log")
+    assert f'track signup_click {{"plan":"pro"}}: not sent ({signal})' in log
+    assert "Tracked" not in tab.page.text_content("#status")
+    assert tab.page.evaluate("[analytics.enabled, window.sends]") == [False, []]
+    if signal == "Global Privacy Control":
+        ARTIFACTS.mkdir(exist_ok=True)
+        tab.page.screenshot(path=ARTIFACTS / "demo-gpc.png", full_page=True)

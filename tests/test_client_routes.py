@@ -62,14 +62,32 @@ def test_pinned_version_is_immutable(client: FlaskClient):
     assert response.data == SCRIPT
     assert response.headers["Cache-Control"] == PINNED_CACHE
     assert response.headers["ETag"] == f'"{VERSION}"'
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert response.headers["Cross-Origin-Resource-Policy"] == "cross-origin"
 
 
-def test_outdated_pinned_version_gets_the_current_script_briefly_cached(client: FlaskClient):
-    """?v= naming another version still works, but is not promised for good."""
-    response = client.get("/analytics.js?v=0123456789abcdef")
-    assert response.status_code == 200
-    assert response.data == SCRIPT
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize(
+    "version", ["0123456789abcdef", VERSION[:8], VERSION.upper(), ""], ids=["other", "prefix", "upper", "empty"]
+)
+def test_other_pinned_version_is_redirected_to_the_current_one(client: FlaskClient, method: str, version: str):
+    """?v= naming any other version is a 302 to the current one, cached like the stable URL, loadable cross-origin."""
+    response = client.open(
+        f"/analytics.js?v={version}",
+        method=method,
+        headers={"If-None-Match": f'"{VERSION}"', "Accept-Encoding": "gzip"},
+    )
+    assert response.status_code == 302
+    assert response.headers["Location"] == f"/analytics.js?v={VERSION}"
     assert response.headers["Cache-Control"] == STABLE_CACHE
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert response.headers["Cross-Origin-Resource-Policy"] == "cross-origin"
+    assert "ETag" not in response.headers
+    assert "Content-Encoding" not in response.headers
+    followed = client.get(response.headers["Location"])
+    assert followed.status_code == 200
+    assert followed.data == SCRIPT
+    assert followed.headers["Cache-Control"] == PINNED_CACHE
 
 
 @pytest.mark.parametrize("accept_encoding", ["gzip", "gzip, deflate, br", "br;q=1.0, gzip;q=0.8", "*"])

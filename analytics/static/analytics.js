@@ -1,8 +1,9 @@
 /*! analytics.js: the browser client of the analytics service. Plain JavaScript, no build, no dependencies.
  *
  * Install: <script src="https://YOUR-ANALYTICS-HOST/analytics.js" data-page-view></script>
- * API: analytics.track(type, payload) -> the event's id, analytics.identify(userId), analytics.flush().
- * Settings are data- attributes on that tag; the README's "Browser client" section lists them.
+ * API: analytics.track(type, payload) -> the event's id, analytics.identify(userId), analytics.flush(),
+ * analytics.enabled (false under Global Privacy Control or Do Not Track).
+ * Settings are data- attributes on that tag; docs/browser-client.md lists them.
  */
 (() => {
   if (window.analytics?.track) return // the tag twice on one page: the first one serves
@@ -19,6 +20,14 @@
   const FLUSH_INTERVAL = number('flush-interval', 5000) // ms
   const RETRY_BASE = number('retry-base', 1000) // ms: the first retry waits up to this, each next up to twice as long
   const RETRY_MAX = number('retry-max', 60000) // ms: the longest wait between retries
+  // Failed tries after which an event is dropped, with a console.warn; the count goes with the events stored
+  // for later pages. 5xx and 429 may last a while (an outage, a deployment): at the default settings the
+  // waits before the 20th try add up to 14 minutes at most, 7 on average.
+  const MAX_TRIES = 20
+  // The cap when a try got no answer to read (status 0): a network failure, or an answer the browser hides (one
+  // without CORS headers, such as the service's 403 to an origin it does not allow), or a request a blocker or
+  // a Content-Security-Policy stopped. Only the first can pass; six tries give it up to 31 s.
+  const MAX_TRIES_UNANSWERED = 6
   // sendBeacon and keepalive fetch refuse bodies past this (in flight, all together).
   const MAX_BATCH_BYTES = 65536
   // What survives a reload in localStorage: at most this many events, none older than a day.
@@ -40,7 +49,9 @@
       (c ^ (crypto.getRandomValues(new Uint8Array(1))[0] & (15 >> (c / 4)))).toString(16),
     )
   const bytes = (text) => new Blob([text]).size
-  const body = (batch) => `{"timestamp":"${new Date().toISOString()}","events":[${batch}]}`
+  const texts = (events) => events.map((e) => e.json)
+  const body = (batch) => `{"timestamp":"${new Date().toISOString()}","events":[${texts(batch)}]}`
+  const parsed = (events) => events.map((e) => JSON.parse(e.json))
 
   // Global Privacy Control or Do Not Track: nothing is queued, stored or sent, unless the site opts out.
   const off =
@@ -50,9 +61,9 @@
   let sessionId // per tab: sessionStorage lives as long as the tab, across reloads
   let userId
 
-  let queue = [] // events as JSON text, serialized when tracked
+  let queue = [] // events as {json: their JSON text, made when tracked, tries: how many sends of them failed}
   let inflight = null // the batch being sent or waiting to be retried: one at a time, in order
-  let attempt = 0 // failed tries of the batch in flight; not 0 means the service is failing
+  let attempt = 0 // failed tries of the batch in flight on this page; not 0 means the service is failing
   let cap = BATCH_SIZE // events a batch may hold: halved by each 413
   let timer = 0
 
@@ -60,13 +71,13 @@
     // The next batch: up to cap events within MAX_BATCH_BYTES (a single larger event goes alone).
     let n = 0
     let size = 64 // the envelope
-    while ((n < queue.length && n < cap && (size += bytes(queue[n]) + 1) <= MAX_BATCH_BYTES) || (!n && queue.length)) n++
+    while ((n < queue.length && n < cap && (size += bytes(queue[n].json) + 1) <= MAX_BATCH_BYTES) || (!n && queue.length)) n++
     return queue.splice(0, n)
   }
 
   const schedule = () => {
     if (inflight) return // its outcome schedules the next batch
-    if (queue.length >= cap || bytes(queue.join()) > MAX_BATCH_BYTES - 64) flush()
+    if (queue.length >= cap || bytes(texts(queue).join()) > MAX_BATCH_BYTES - 64) flush()
     else if (queue.length) timer ||= setTimeout(flush, FLUSH_INTERVAL)
   }
 
@@ -84,26 +95,33 @@
       // A string body goes as text/plain: a CORS simple request, so no preflight. keepalive lets it finish
       // after the page is gone, but refuses bodies over 64 KiB.
       response = await fetch(ENDPOINT, { method: 'POST', body: text, keepalive: bytes(text) <= MAX_BATCH_BYTES })
-    } catch {} // network error, or a cross-origin error the browser hides from us: both retried
+    } catch {} // a network error, or an answer the browser hides from us: see MAX_TRIES_UNANSWERED
     const status = response?.status || 0
     if (!status || status == 429 || status >= 500) {
-      const after = response?.headers.get('Retry-After')
-      const wait = after ? (isNaN(after) ? Date.parse(after) - Date.now() : after * 1000) : NaN
-      // Exponential backoff with full jitter: anywhere from 0 to base * 2^attempt, capped.
-      const jitter = Math.random() * Math.min(RETRY_MAX, RETRY_BASE * 2 ** attempt++)
-      persist()
-      return setTimeout(() => send(batch), wait >= 0 ? wait : jitter)
-    }
-    const result = await response.json().catch(() => ({}))
-    if (status == 413 && batch.length > 1) {
+      // A try while the browser knows it is offline never left the device: it does not count.
+      if (status || navigator.onLine) for (const e of batch) e.tries++
+      const limit = status ? MAX_TRIES : MAX_TRIES_UNANSWERED
+      const spent = batch.filter((e) => e.tries >= limit)
+      if (spent.length) console.warn('analytics: events dropped after', limit, 'failed tries', status, parsed(spent))
+      inflight = batch = batch.filter((e) => e.tries < limit)
+      if (batch.length) {
+        const after = response?.headers.get('Retry-After')
+        const wait = after ? (isNaN(after) ? Date.parse(after) - Date.now() : after * 1000) : NaN
+        // Exponential backoff with full jitter: anywhere from 0 to base * 2^attempt, capped.
+        const jitter = Math.random() * Math.min(RETRY_MAX, RETRY_BASE * 2 ** attempt++)
+        persist()
+        return setTimeout(() => send(batch), wait >= 0 ? wait : jitter)
+      }
+    } else if (status == 413 && batch.length > 1) {
       cap = batch.length >> 1 // and so on, down to one event a batch
       queue.unshift(...batch)
     } else {
       // Not retried: the same batch would be refused again. The warnings are for the site's developers.
+      const result = await response.json().catch(() => ({}))
       try {
-        if (status >= 300) console.warn('analytics: batch refused', status, result, batch.map((e) => JSON.parse(e)))
+        if (status >= 300) console.warn('analytics: batch refused', status, result, parsed(batch))
         for (const { index, errors } of result.rejected || []) {
-          console.warn('analytics: event rejected', JSON.parse(batch[index]), errors)
+          console.warn('analytics: event rejected', JSON.parse(batch[index].json), errors)
         }
       } catch {} // an answer of an unexpected shape (from a proxy, say) must not stop the queue
     }
@@ -145,9 +163,9 @@
     const event = { type, id: uuid(), timestamp: new Date().toISOString(), sessionId }
     if (payload != null) event.payload = payload
     if (userId) event.userId = userId
-    queue.push(JSON.stringify(event)) // throws here, to the caller, on a payload JSON cannot hold
+    queue.push({ json: JSON.stringify(event), tries: 0 }) // throws here, to the caller, on a payload JSON cannot hold
     if (queue.length + (inflight?.length || 0) > MAX_QUEUE) {
-      console.warn('analytics: too many unsent events, dropped', JSON.parse(queue.shift()))
+      console.warn('analytics: too many unsent events, dropped', JSON.parse(queue.shift().json))
     }
     schedule()
     return event.id
@@ -163,7 +181,7 @@
         queue.push(...JSON.parse(localStorage.getItem(key)))
         localStorage.removeItem(key)
       }
-      queue = queue.filter((e) => Date.now() - Date.parse(JSON.parse(e).timestamp) < MAX_AGE).slice(-MAX_QUEUE)
+      queue = queue.filter((e) => Date.now() - Date.parse(JSON.parse(e.json).timestamp) < MAX_AGE).slice(-MAX_QUEUE)
     } catch {
       queue = []
     }
@@ -177,6 +195,7 @@
     track,
     identify: (id) => off || store('sessionStorage', 'analytics:user', (userId = id == null ? null : '' + id)),
     flush,
+    enabled: !off,
   }
   if (attr('page-view') != null) track('page_view', { url: location.href, referrer: document.referrer, title: document.title })
 })()
