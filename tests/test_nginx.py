@@ -1,4 +1,5 @@
-"""Behind a real nginx running deploy/nginx.conf: body limits, keep-alive after a 413, trusted headers, slow clients."""
+"""Behind a real nginx running deploy/nginx.conf: body limits, keep-alive after a 413, trusted headers, slow clients,
+nginx's own answers as JSON."""
 
 import gzip
 import http.client
@@ -19,7 +20,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.harness.clients import SlowUpload, send
+from tests.harness.clients import SlowUpload, parse_response, read_until_closed, send
 from tests.harness.gunicorn import ROOT, Server, free_port
 from tests.harness.lines import strict_json
 
@@ -90,6 +91,7 @@ http {{
         command = [NGINX, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf"), "-e", str(self.error_log)]
         check = subprocess.run([*command, "-t"], capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
+        assert "[warn]" not in check.stderr, check.stderr
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -161,16 +163,16 @@ def logged(server: Server, event_id: str, timeout: float = 10) -> dict[str, Any]
     raise AssertionError(f"{event_id} not logged")
 
 
-def wait_for_access(nginx: Nginx, request_id: str, timeout: float = 10) -> dict[str, Any]:
-    """nginx's access log entry for ``request_id`` (nginx writes it once the response is sent)."""
+def wait_for_access(nginx: Nginx, timeout: float = 10, **match: str) -> dict[str, Any]:
+    """nginx's one access log entry whose fields have the values in ``match`` (written once the response is sent)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        entries = [entry for entry in nginx.access() if entry["request_id"] == request_id]
+        entries = [entry for entry in nginx.access() if all(entry[key] == value for key, value in match.items())]
         if entries:
             assert len(entries) == 1
             return entries[0]
         time.sleep(0.02)
-    raise AssertionError(f"no access log entry for {request_id}")
+    raise AssertionError(f"no access log entry with {match}")
 
 
 def chunked(body: bytes, size: int = 64 * 1024) -> Iterator[bytes]:
@@ -209,7 +211,7 @@ def test_body_limit_through_nginx(stack, body, chunks, status, expected, answere
     request_id = response.headers["X-Request-ID"]
     assert re.fullmatch(r"[0-9a-f]{32}", request_id)
     # upstream_status is the service's answer, or empty when nginx answered on its own.
-    access = wait_for_access(nginx, request_id)
+    access = wait_for_access(nginx, request_id=request_id)
     assert (access["status"], access["upstream_status"]) == (status, answered_by)
     if status == 200:
         assert logged(server, json.loads(body)["events"][-1]["id"])["request_id"] == request_id
@@ -249,7 +251,7 @@ def test_keepalive_connection_serves_the_next_request_after_each_413(stack):
     for event_id in ("ka-a-0", "ka-b-0", "ka-c-0", "ka-d-0"):
         logged(server, event_id)
     # nginx agrees: the requests were one connection's 1st to 8th.
-    access = [wait_for_access(nginx, request_id) for request_id in request_ids]
+    access = [wait_for_access(nginx, request_id=request_id) for request_id in request_ids]
     assert len({entry["connection"] for entry in access}) == 1
     assert [entry["connection_requests"] for entry in access] == list(range(1, 9))
 
@@ -277,7 +279,7 @@ def test_client_address_and_request_id_come_from_nginx(stack):
     request_id = response.headers["X-Request-ID"]
     assert (line["client_ip"], line["request_id"]) == (OUTSIDER, request_id)
     assert re.fullmatch(r"[0-9a-f]{32}", request_id)
-    access = wait_for_access(nginx, request_id)
+    access = wait_for_access(nginx, request_id=request_id)
     assert (access["remote_addr"], access["status"]) == (OUTSIDER, 200)
 
 
@@ -369,3 +371,171 @@ def test_backend_down_is_a_json_503(tmp_path):
     assert response.headers["Content-Type"] == "application/json"
     assert response.headers["Retry-After"] == "5"
     assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])
+
+
+def head(request_line: bytes, *headers: bytes) -> bytes:
+    """A request's head as sent on the wire: the request line, Host, Connection: close, then ``headers``."""
+    return b"\r\n".join([request_line, b"Host: analytics.example.com", b"Connection: close", *headers, b"", b""])
+
+
+def request_line(length: int) -> bytes:
+    """A GET /healthz request line of exactly ``length`` bytes (its CRLF not counted), padded in the query."""
+    line = b"GET /healthz?pad= HTTP/1.1"
+    return line.replace(b"= ", b"=" + b"a" * (length - len(line)) + b" ")
+
+
+def header_line(length: int) -> bytes:
+    """A header line of exactly ``length`` bytes with its CRLF, written without a space after the colon."""
+    return b"X-Pad:" + b"a" * (length - len(b"X-Pad:\r\n"))
+
+
+def exchange(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``data`` as it is on a new connection; the answer, read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(data)
+        raw, closed = read_until_closed(sock, 30)
+    assert closed, raw
+    return parse_response(raw)
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "message"),
+    [
+        pytest.param(b"GARBAGE\r\n\r\n", 400, "Bad request", id="not a request line"),
+        pytest.param(head(b"GET /healthz HTTP/1.1", b"No colon"), 400, "Bad request", id="header without a colon"),
+        pytest.param(b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n", 400, "Bad request", id="no Host"),
+        pytest.param(
+            head(b"POST /api/analytics HTTP/1.1", b"Content-Length: 5", b"Transfer-Encoding: chunked") + b"0\r\n\r\n",
+            400,
+            "Bad request",
+            id="Content-Length and chunked",
+        ),
+        pytest.param(
+            head(b"POST /api/analytics HTTP/1.1", b"Transfer-Encoding: chunked") + b"zz\r\n",
+            400,
+            "Bad request",
+            id="invalid chunk size",
+        ),
+        # The next three pass nginx's parser; deploy/nginx.conf stops them because gunicorn would not take them.
+        pytest.param(head("GET /café HTTP/1.1".encode()), 400, "Bad request", id="raw UTF-8 in the target"),
+        pytest.param(head(b"GET /a b HTTP/1.1"), 400, "Bad request", id="space in the target"),
+        pytest.param(head(b"AB /healthz HTTP/1.1"), 400, "Bad request", id="two-letter method"),
+        pytest.param(head(b"GET /_nginx/400 HTTP/1.1"), 404, "Not found", id="an error page asked for"),
+        pytest.param(head(b"TRACE /healthz HTTP/1.1"), 405, "Method not allowed", id="TRACE"),
+        pytest.param(head(request_line(9000)), 414, "URI too long", id="request line over nginx's buffer"),
+        pytest.param(
+            head(b"GET /healthz HTTP/1.1", header_line(9000)),
+            431,
+            "Request header fields too large",
+            id="header line over nginx's buffer",
+        ),
+        pytest.param(
+            head(b"POST /api/analytics HTTP/1.1", b"Transfer-Encoding: gzip"),
+            501,
+            "Not implemented",
+            id="unknown Transfer-Encoding",
+        ),
+        pytest.param(head(b"GET /healthz HTTP/2.0"), 505, "HTTP version not supported", id="HTTP/2.0 request line"),
+    ],
+)
+def test_nginx_answers_its_own_errors_in_json(stack, data, status, message):
+    """Each error nginx answers itself, its HTML page otherwise, is JSON {"error": ...} with a request id."""
+    _, nginx = stack
+    got_status, headers, body = exchange(nginx.port, data)
+    assert (got_status, strict_json(body)) == (status, {"error": message})
+    assert headers["content-type"] == "application/json"
+    request_id = headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id)
+    # Answered by nginx: the request never reached gunicorn.
+    access = wait_for_access(nginx, request_id=request_id)
+    assert (access["status"], access["upstream_status"]) == (status, "")
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "body", "answered_by"),
+    [
+        pytest.param(head(request_line(4094)), 200, {"status": "ok"}, "200", id="request line of 4094 bytes"),
+        pytest.param(head(request_line(4095)), 414, {"error": "URI too long"}, "", id="request line of 4095 bytes"),
+        pytest.param(
+            head(b"GET /healthz HTTP/1.1", header_line(8189)), 200, {"status": "ok"}, "200", id="header line of 8189"
+        ),
+        pytest.param(
+            head(b"GET /healthz HTTP/1.1", header_line(8190)),
+            431,
+            {"error": "Request header fields too large"},
+            "",
+            id="header line of 8190",
+        ),
+    ],
+)
+def test_nginx_limits_stop_at_gunicorns(stack, data, status, body, answered_by):
+    """gunicorn takes a request line of up to 4094 bytes and header lines of up to 8190 with their CRLF; nginx passes
+    on a header line with a space after the colon, so it takes up to 8189. Past either, nginx answers in JSON, before
+    gunicorn would in text/html."""
+    _, nginx = stack
+    got_status, headers, got = exchange(nginx.port, data)
+    assert (got_status, strict_json(got)) == (status, body)
+    assert headers["content-type"] == "application/json"
+    access = wait_for_access(nginx, request_id=headers["x-request-id"])
+    assert (access["status"], access["upstream_status"]) == (status, answered_by)
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        pytest.param([b"X-Note: a\x01b"], 400, id="control character in a header value"),
+        pytest.param([b"X-Field-%d: 1" % n for n in range(100)], 431, id="more than 100 header fields"),
+    ],
+)
+def test_what_nginx_cannot_check_gets_gunicorns_html(stack, extra, status):
+    """The known edge docs/reliability.md states: nginx passes on what it cannot check, a control character in a
+    header value or more than 100 header fields, and gunicorn answers with its own text/html page."""
+    _, nginx = stack
+    line = f"GET /healthz?edge={status} HTTP/1.1"
+    got_status, headers, _ = exchange(nginx.port, head(line.encode(), *extra))
+    assert got_status == status
+    assert headers["content-type"].startswith("text/html")
+    access = wait_for_access(nginx, request=line)
+    assert access["upstream_status"] == str(status)
+
+
+def test_body_nginx_cannot_buffer_is_a_json_500(tmp_path):
+    """A body nginx fails to write to a temporary file (one over client_body_buffer_size) gets a JSON 500."""
+    nginx = Nginx(tmp_path, free_port()).start()
+    try:
+        # The folder of those temporary files, made a file: nginx cannot create one in it.
+        temp = nginx.dir / "client_body"
+        temp.rmdir()
+        temp.touch()
+        connection = connect(nginx.port)
+        status, response, body = request(connection, events_body("unbuffered", pad_to=256 * 1024))
+        connection.close()
+    finally:
+        nginx.stop()
+    assert (status, body) == (500, {"error": "Internal server error"})
+    assert response.headers["Content-Type"] == "application/json"
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["X-Request-ID"])
+
+
+def test_stalled_client_is_closed_without_an_answer(stack):
+    """A client stalling past nginx's 10 s timeouts, in its headers or in its body, gets its connection closed with no
+    answer at all, so no page to make JSON; nginx logs the request as a 408."""
+    _, nginx = stack
+    stalls = {
+        "GET /healthz?stall=head HTTP/1.1": b"GET /healthz?stall=head HTTP/1.1\r\nHost: analytics.example.com\r\n",
+        "POST /api/analytics?stall=body HTTP/1.1": (
+            head(b"POST /api/analytics?stall=body HTTP/1.1", b"Content-Length: 100") + b'{"events": ['
+        ),
+    }
+
+    def stall(data: bytes) -> tuple[bytes, bool]:
+        with socket.create_connection(("127.0.0.1", nginx.port), timeout=30) as sock:
+            sock.sendall(data)
+            return read_until_closed(sock, 30)
+
+    with ThreadPoolExecutor(max_workers=len(stalls)) as pool:
+        answers = list(pool.map(stall, stalls.values()))
+    assert answers == [(b"", True)] * len(stalls)
+    for line in stalls:
+        access = wait_for_access(nginx, request=line)
+        assert (access["status"], access["upstream_status"]) == (408, "")
