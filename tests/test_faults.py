@@ -1,15 +1,21 @@
-"""Faults: stdout broken or blocked, workers killed: no false 200, no crash loop, recovery, no acknowledged loss."""
+"""Faults: stdout broken, blocked, full or closed, workers killed: no false 200, no torn line, no crash loop,
+readiness that says so, recovery, no acknowledged loss."""
 
+import errno
 import fcntl
 import http.client
 import os
+import shutil
 import signal
 import struct
+import subprocess
 import termios
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,11 +24,12 @@ import orjson
 import pytest
 
 from tests.harness.clients import SlowUpload, send
-from tests.harness.gunicorn import Server
-from tests.harness.lines import strict_json
+from tests.harness.gunicorn import GUNICORN, ROOT, Server, free_port
+from tests.harness.lines import parse_lines, strict_json
 from tests.harness.load import Outcome, expected_answer, make_batches, run_load, summarize
 
 FAILED = (500, {"error": "Failed to process events"})
+READY = (200, {"status": "ready"})
 # Exactly a page: a pipe takes such a write whole into one free slot or refuses it, so
 # when the next one is refused every slot is full and poll() no longer says writable.
 FILLER = b'{"kind":"filler","pad":"' + b"x" * (4096 - 27) + b'"}\n'
@@ -73,7 +80,21 @@ def wait_until(condition: Callable[[], bool], timeout: float = 20) -> None:
         time.sleep(0.02)
 
 
-def failures_logged(server: Server) -> list[str]:
+def get(port: int, path: str) -> tuple[int, Any]:
+    """GET ``path``; its status and parsed JSON body (errors too). OSError if nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, strict_json(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, strict_json(error.read())
+
+
+def not_ready(reason: str) -> tuple[int, dict[str, str]]:
+    """The /readyz answer of a service whose event log cannot take writes, for ``reason``."""
+    return 503, {"error": "Not ready", "reason": reason}
+
+
+def failures_logged(server: Any) -> list[str]:
     """The errors of the service's event_log_write_failed diagnostics on stderr."""
     found = []
     for raw in server.stderr_path.read_bytes().splitlines():
@@ -89,19 +110,27 @@ def failures_logged(server: Server) -> list[str]:
 @pytest.mark.parametrize("fault", ["broken", "blocked"])
 def test_stdout_fault_answers_500_then_recovers(start_server, fault):
     """stdout a broken pipe (reader gone) or blocked (reader stopped, pipe full): every batch gets 500, nothing
-    of it is written, workers and master stay up; once stdout works again batches are accepted."""
+    of it is written, /readyz says why while /healthz stays ok, workers and master stay up; once stdout works
+    again /readyz is ready and batches are accepted."""
     server = start_server(workers=2, stdout_fifo=True, env={"ANALYTICS_LOG_WRITE_TIMEOUT": "0.5"})
     body, before_ids = batch_of("before")
     assert send(server.port, body)[::2] == (200, {"success": True, "received": 3})
     server.wait_for_lines(3)
+    # gunicorn spawns workers a random pause apart: the second may not be forked when the first answers.
+    wait_until(lambda: len(server.worker_pids()) == 2)
     workers = server.worker_pids()
-    assert len(workers) == 2
+    assert get(server.port, "/readyz") == READY
 
     if fault == "broken":
         server.disconnect_stdout()
+        reason = "stdout is not writable: nothing reads it (the other end is closed)"
     else:
         server.pause_stdout()
         fillers = fill_pipe(server.fifo)
+        reason = "the stdout pipe is full (its reader has stalled)"
+    # Several times, so that both workers are asked.
+    assert [get(server.port, "/readyz") for _ in range(6)] == [not_ready(reason)] * 6
+    assert get(server.port, "/healthz") == (200, {"status": "ok"})
     # More requests than workers, all at once: each worker fails several in a row and carries on.
     answers, failed_ids = post_many(server.port, "during", 6)
     assert answers == [FAILED] * 6
@@ -113,6 +142,7 @@ def test_stdout_fault_answers_500_then_recovers(start_server, fault):
     else:
         server.resume_stdout()
 
+    wait_until(lambda: get(server.port, "/readyz") == READY)
     answers, after_ids = post_many(server.port, "after", 4)
     assert answers == [(200, {"success": True, "received": 3})] * 4
     assert server.worker_pids() == workers
@@ -273,3 +303,166 @@ def test_worker_killed_mid_write_tears_no_line(start_server):
     lines = server.lines()
     ids = {line.get("id") for line in lines}
     assert set(warm_ids + after_ids) <= ids
+
+
+# stdout a file on a full disk: a tmpfs of DISK_BYTES mounted in a mount namespace of gunicorn's own.
+DISK_BYTES = 8 * 1024 * 1024
+PAGE = os.sysconf("SC_PAGE_SIZE")
+# What the filler leaves free: less than the batch that is to fail, so that part of it is written.
+ROOM = 2 * PAGE
+MAX_BODY_BYTES = 1024 * 1024
+
+
+class DiskServer:
+    """gunicorn whose stdout is ``events.log`` on a tmpfs that only it sees; ``disk`` reaches it from outside."""
+
+    def __init__(self, tmp_path: Path, redirect: str) -> None:
+        self.port = free_port()
+        self.stderr_path = tmp_path / f"gunicorn-{self.port}.stderr"
+        mount_point = tmp_path / "disk"
+        mount_point.mkdir()
+        script = f'mount -t tmpfs -o size={DISK_BYTES} tmpfs "$0" && exec "$@" {redirect} "$0/events.log"'
+        with self.stderr_path.open("wb") as stderr:
+            self.process = subprocess.Popen(
+                ["unshare", "--mount", "sh", "-c", script, str(mount_point)]
+                + [str(GUNICORN), "wsgi:app", "--bind", f"127.0.0.1:{self.port}"],
+                cwd=ROOT,
+                env={**os.environ, "PORT": str(self.port), "WEB_CONCURRENCY": "2"},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        # unshare and sh exec what follows them: the pid is gunicorn's master, and its root its namespace's.
+        self.disk = Path(f"/proc/{self.process.pid}/root{mount_point}")
+        self.log = self.disk / "events.log"
+        wait_until(self.answers)
+
+    def answers(self) -> bool:
+        """Whether /healthz answers; fails the test if gunicorn has exited."""
+        assert self.process.poll() is None, self.stderr_path.read_text()
+        try:
+            return get(self.port, "/healthz") == (200, {"status": "ok"})
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if gunicorn is still there after 30 s: none is left behind."""
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+
+@pytest.fixture
+def start_on_tmpfs(tmp_path: Path) -> Iterator[Callable[[str], DiskServer]]:
+    """Start gunicorn with stdout redirected (``>`` or ``>>``) to a file on a small tmpfs; stopped afterwards."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("a tmpfs in a private mount namespace needs root and unshare(1)")
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    mounted = subprocess.run(
+        ["unshare", "--mount", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a private mount namespace: {mounted.stderr.strip()}")
+    servers: list[DiskServer] = []
+
+    def start(redirect: str) -> DiskServer:
+        servers.append(DiskServer(tmp_path, redirect))
+        return servers[-1]
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def fill_disk(path: Path, leave: int) -> None:
+    """Fill the filesystem with the file ``path``, then shorten it to leave ``leave`` bytes (whole pages) free."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        with pytest.raises(OSError) as full:
+            while True:
+                os.write(fd, bytes(64 * 1024))
+        assert full.value.errno == errno.ENOSPC
+        os.ftruncate(fd, os.fstat(fd).st_size - leave)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("redirect", [">", ">>"])
+def test_full_disk_fails_the_batch_and_takes_back_what_it_wrote(start_on_tmpfs, redirect):
+    """stdout a file (truncating or O_APPEND) on a full disk: a batch larger than the room left gets 500 and
+    leaves nothing, not even the part the disk took, so the log still ends on a line boundary; /readyz says the
+    disk is full; with room again the next batch is a 200, and every line of the file is one acknowledged event."""
+    server = start_on_tmpfs(redirect)
+    body, before_ids = batch_of("before")
+    assert send(server.port, body)[::2] == (200, {"success": True, "received": 3})
+    assert get(server.port, "/readyz") == READY
+    logged = server.log.read_bytes()
+
+    fill_disk(server.disk / "filler", leave=ROOM)
+    assert get(server.port, "/readyz") == not_ready(
+        f"{ROOM} bytes free on the filesystem of stdout, fewer than {3 * MAX_BODY_BYTES}"
+    )
+    big = [{"type": "big", "id": f"big-{n}", "payload": {"blob": "b" * ROOM}} for n in range(3)]
+    assert send(server.port, orjson.dumps({"events": big}))[::2] == FAILED
+    assert server.log.read_bytes() == logged
+    assert failures_logged(server) == ["[Errno 28] No space left on device"]
+
+    (server.disk / "filler").unlink()
+    assert get(server.port, "/readyz") == READY
+    body, after_ids = batch_of("after")
+    assert send(server.port, body)[::2] == (200, {"success": True, "received": 3})
+    lines = parse_lines(server.log.read_bytes())
+    assert [line["id"] for line in lines] == before_ids + after_ids
+
+
+def start_refused(tmp_path: Path, redirect: str, stdout: int | None = None) -> tuple[int, list[str]]:
+    """Run gunicorn with its stdout redirected by the shell (``redirect``) or given (``stdout``);
+    its exit code and stderr lines once it has exited (the test fails if it is still up after 60 s)."""
+    port = free_port()
+    stderr_path = tmp_path / "refused.stderr"
+    with stderr_path.open("wb") as stderr:
+        exited = subprocess.run(
+            ["sh", "-c", f'exec "$@" {redirect}', "sh", str(GUNICORN), "wsgi:app", "--bind", f"127.0.0.1:{port}"],
+            cwd=ROOT,
+            env={**os.environ, "PORT": str(port), "WEB_CONCURRENCY": "2"},
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            timeout=60,
+        )
+    return exited.returncode, stderr_path.read_text().splitlines()
+
+
+@pytest.mark.parametrize(
+    "redirect, reason",
+    [
+        (">&-", "it is closed"),
+        ("1</dev/null", "it is open for reading only"),
+        ("", "nothing reads it (the other end is closed)"),
+    ],
+    ids=["closed", "read-only", "pipe-without-reader"],
+)
+def test_unwritable_stdout_stops_the_start_with_one_line(tmp_path, redirect, reason):
+    """stdout closed, read-only or a pipe nobody reads: gunicorn exits non-zero at once, saying so in one line
+    of stderr, rather than serving every batch a 500 while /healthz says ok. (The shell's redirection replaces
+    the pipe given as stdout; with none, the pipe is stdout.)"""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        code, stderr = start_refused(tmp_path, redirect, stdout=write_end)
+    finally:
+        os.close(write_end)
+    assert code != 0
+    said = [line for line in stderr if "not writable" in line]
+    assert len(said) == 1, stderr
+    assert said[0].endswith(f"stdout (fd 1) is not writable: {reason}")
