@@ -31,6 +31,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     load_config(app, config)
     register_request_ids(app)
     register_cors(app, app.config["CORS_ORIGINS"])
+    # Refused at start, not answered with a 500 on every batch while /healthz says ok.
+    check_writable(STDOUT)
     register_extensions(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(client.bp)
@@ -69,9 +71,11 @@ def register_request_ids(app: Flask) -> None:
         return response
 
 
-def register_extensions(app: Flask) -> None:
-    """The event log and the ingestor, built once from the settings."""
-    check_writable(STDOUT)
-    writer = LockedWriter(STDOUT, timeout=app.config["LOG_WRITE_TIMEOUT"])
-    app.extensions["stdout"] = writer
-    app.extensions["ingestor"] = Ingestor(app.config, EventLog([StdoutSink(writer)]))
+def register_extensions(app: Flask, stdout: int = STDOUT) -> None:
+    """The event log and the ingestor, built once from the settings; ``stdout`` is the descriptor written to."""
+    writer = LockedWriter(stdout, timeout=app.config["LOG_WRITE_TIMEOUT"])
+    # Room for the most one request can make the service write (docs/event-log.md), or not ready.
+    min_free = 4 * app.config["MAX_BODY_BYTES"] + 2048 * app.config["MAX_EVENTS"]
+    event_log = EventLog([StdoutSink(writer, min_free=min_free)])
+    app.extensions["event_log"] = event_log
+    app.extensions["ingestor"] = Ingestor(app.config, event_log)

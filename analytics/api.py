@@ -4,6 +4,7 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, current_app, g, request
 
+from analytics import messages
 from analytics.body import read_json
 from analytics.errors import ApiError
 from analytics.ingest import Ingestor, collector_paused
@@ -33,7 +34,7 @@ def healthz() -> dict:
 @bp.get("/readyz")
 def readyz() -> dict:
     """Readiness for load balancers: whether the event log can take a batch now (a 503 says why not)."""
-    reason = current_app.extensions["stdout"].unready_reason(min_free=3 * current_app.config["MAX_BODY_BYTES"])
+    reason = current_app.extensions["event_log"].unready_reason()
     if reason:
-        raise ApiError(503, "Not ready", reason=reason)
+        raise ApiError(503, messages.NOT_READY, reason=reason)
     return {"status": "ready"}

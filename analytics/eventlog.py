@@ -26,14 +26,22 @@ class Sink(Protocol):
     def write(self, lines: Sequence[bytes]) -> None:
         """Take the batch's lines (each without its newline) whole, or raise."""
 
+    def unready_reason(self) -> str | None:
+        """Why the sink cannot take a batch now (for /readyz), or None when it can."""
+
 
 class StdoutSink:
     """Event lines on stdout, one batch at a time, never interleaved with another worker's."""
 
     name = "stdout"
 
-    def __init__(self, writer: LockedWriter) -> None:
+    def __init__(self, writer: LockedWriter, min_free: int) -> None:
         self.writer = writer
+        # Free bytes a file's filesystem needs for the sink to be ready: the most one request writes.
+        self.min_free = min_free
+
+    def unready_reason(self) -> str | None:
+        return self.writer.unready_reason(self.min_free)
 
     def write(self, lines: Sequence[bytes]) -> None:
         # One buffer, one locked write: a batch is never split between two writers.
@@ -65,6 +73,14 @@ class EventLog:
     def info(self, lines: list[bytes]) -> None:
         for sink in self.sinks:
             sink.write(lines)
+
+    def unready_reason(self) -> str | None:
+        """Why some sink cannot take a batch now, or None when every one can."""
+        for sink in self.sinks:
+            reason = sink.unready_reason()
+            if reason:
+                return reason
+        return None
 
 
 def event_logger(event_log: EventLog) -> Any:
