@@ -10,18 +10,12 @@ from pathlib import Path
 import pytest
 
 from analytics.schemas import EventSchema
-from bench import profiles
-from bench.run import (
-    BenchError,
-    ServerSpec,
-    WrkResult,
-    count_problems,
-    make_body,
-    make_large_body,
-    parse_service,
-    parse_wrk,
-    wrk_script,
-)
+from bench import BenchError, profiles
+from bench.cli import parse_service
+from bench.measure import count_problems
+from bench.payloads import make_body, make_large_body
+from bench.servers import ServerSpec
+from bench.wrk import WrkResult, parse_wrk, wrk_script
 from config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
