@@ -11,24 +11,40 @@ import pytest
 import schemathesis
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from analytics.eventlog import EventLog, LockedWriter
+from analytics import messages
 from analytics.schemas import BatchSchema, EventSchema
-from app import create_app
+from analytics.timestamps import parse_timestamp
+from app import create_app, register_extensions
 from tests.harness.lines import strict_json
-from tests.harness.openapi import DRAFT_2020_12, SHARED_RESPONSES, assert_matches, documented, resolve
+from tests.harness.openapi import (
+    DRAFT_2020_12,
+    SHARED_RESPONSES,
+    assert_matches,
+    documented,
+    resolve,
+    schema_validator,
+)
 from tests.harness.wsgi import stalled_body_request
 
 ONE = b'{"events":[{"type":"page_view"}]}'
 PREFLIGHT = {"Origin": "https://example.com", "Access-Control-Request-Method": "POST"}
+ALLOWED_ORIGIN = "https://shop.example"
 
-# Every operation and status the document must state, as the contract (issue 2) has them.
+# Every operation and status the document must state, as the contract has them.
 EXPECTED_OPERATIONS = {
-    ("/api/analytics", "post"): {"200", "400", "408", "413", "415", "500"},
-    ("/api/analytics", "options"): {"204"},
+    ("/api/analytics", "post"): {"200", "400", "403", "408", "413", "415", "500"},
+    ("/api/analytics", "options"): {"204", "403"},
+    ("/api/openapi.json", "get"): {"200", "403"},
     ("/healthz", "get"): {"200"},
-    ("/api/openapi.json", "get"): {"200"},
+    ("/readyz", "get"): {"200", "503"},
+    ("/analytics.js", "get"): {"200", "302", "304"},
+    ("/demo", "get"): {"200"},
 }
+# The responses without a body.
+EMPTY = {("/api/analytics", "options", "204"), ("/analytics.js", "get", "304")}
 
 
 def schema_objects(node: Any, where: str = "#") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -95,7 +111,7 @@ def test_every_ref_resolves(doc):
 
 
 def test_every_path_method_and_status_of_the_contract(doc):
-    """Each operation lists exactly the contract's statuses; every response but the preflight's has a JSON body."""
+    """Each operation lists exactly the contract's statuses, each with X-Request-ID, and a body where one is sent."""
     operations = {
         (path, method): set(operation["responses"])
         for path, item in doc["paths"].items()
@@ -107,7 +123,7 @@ def test_every_path_method_and_status_of_the_contract(doc):
         for status in statuses:
             definition = documented(doc, path, method, int(status))
             assert resolve(doc, definition["headers"]["X-Request-ID"])["required"] is True
-            assert ("content" in definition) == (status != "204"), (path, method, status)
+            assert ("content" in definition) == ((path, method, status) not in EMPTY), (path, method, status)
     for status in SHARED_RESPONSES:
         definition = documented(doc, "/any", "put", status)
         assert set(definition["content"]) == {"application/json"}
@@ -115,14 +131,25 @@ def test_every_path_method_and_status_of_the_contract(doc):
     assert resolve(doc, documented(doc, "/healthz", "put", 405)["headers"]["Allow"])["required"] is True
 
 
-def test_request_body_is_the_batch_schema_in_every_content_type(doc):
-    """JSON, text/plain (sendBeacon) and form-urlencoded (curl -d) all take the Batch; gzip is a declared encoding."""
+def test_request_body_is_the_batch_as_json_or_as_json_text(doc):
+    """application/json is the Batch; text/plain (sendBeacon) a string holding its JSON text; gzip is described."""
     post = doc["paths"]["/api/analytics"]["post"]
     content = post["requestBody"]["content"]
-    assert set(content) == {"application/json", "text/plain", "application/x-www-form-urlencoded"}
-    assert {media["schema"]["$ref"] for media in content.values()} == {"#/components/schemas/Batch"}
-    encoding = next(p for p in post["parameters"] if p["name"] == "Content-Encoding")
-    assert encoding["in"] == "header" and "gzip" in encoding["schema"]["enum"]
+    assert content == {
+        "application/json": {"schema": {"$ref": "#/components/schemas/Batch"}},
+        "text/plain": {
+            "schema": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": "#/components/schemas/Batch"},
+            }
+        },
+    }
+    # No Content-Encoding parameter: it would say a gzip header goes with any body of the schema.
+    assert [resolve(doc, parameter)["name"] for parameter in post["parameters"]] == ["Origin"]
+    description = post["requestBody"]["description"]
+    assert "`Content-Encoding: gzip` (or `x-gzip`)" in description and "415" in description
+    assert "application/x-www-form-urlencoded" in description
     request_id = resolve(doc, doc["paths"]["/api/analytics"]["parameters"][0])
     assert (request_id["name"], request_id["in"]) == ("X-Request-ID", "header")
 
@@ -140,11 +167,125 @@ def test_request_schemas_come_from_marshmallow(doc):
     assert (event["properties"]["type"]["minLength"], event["properties"]["type"]["maxLength"]) == (1, 256)
     assert event["properties"]["id"]["maxLength"] == 128
     assert event["properties"]["userId"]["type"] == ["string", "null"]
-    assert [form["type"] for form in event["properties"]["timestamp"]["anyOf"]] == ["string", "number", "null"]
-    assert batch["properties"]["events"]["items"] == {"$ref": "#/components/schemas/Event"}
+    forms = [form["type"] for form in event["properties"]["timestamp"]["anyOf"]]
+    assert forms == ["string", "number", "number", "null"]
+    # Each element is checked on its own: a 200 needs one valid event (or none at all), not every element valid.
+    events = batch["properties"]["events"]
+    assert "items" not in events
+    assert events["anyOf"] == [{"maxItems": 0}, {"contains": {"$ref": "#/components/schemas/Event"}}]
     # A custom field apispec was not taught about would come out with no type at all.
     for name, prop in [*event["properties"].items(), *batch["properties"].items()]:
         assert "type" in prop or "anyOf" in prop, name
+
+
+@pytest.mark.parametrize(
+    ("events", "status"),
+    [
+        ([], 200),
+        ([{"type": "a"}], 200),
+        ([{"type": "a"}, {"type": ""}, None, 7], 200),
+        ([{"type": ""}, None], 400),
+        ([None], 400),
+    ],
+)
+def test_events_schema_says_when_the_batch_is_accepted(client, capfd, doc, events, status):
+    """The `events` schema is valid exactly for the arrays the service answers with a 200 (invalid elements and all)."""
+    validator = schema_validator(doc, {"$ref": "#/components/schemas/Batch"})
+    response = client.post("/api/analytics", json={"events": events})
+    assert response.status_code == status
+    assert validator.is_valid({"events": events}) == (status == 200)
+    capfd.readouterr()
+
+
+@pytest.fixture(scope="module")
+def timestamp_schema() -> jsonschema_rs.Validator:
+    """A validator for an event's `timestamp` as the app documents it, checking `format` too (schemathesis
+    generates by it)."""
+    doc = strict_json(create_app({"TESTING": True}).test_client().get("/api/openapi.json").data)
+    schema = doc["components"]["schemas"]["Event"]["properties"]["timestamp"]
+    return jsonschema_rs.validator_for({"$schema": DRAFT_2020_12, **schema}, validate_formats=True)
+
+
+def accepted(value: Any) -> bool:
+    """Whether the service takes ``value`` as a timestamp."""
+    try:
+        parse_timestamp(value)
+    except ValueError:
+        return False
+    return True
+
+
+FIRST_SECOND = -62135596800  # 0001-01-01T00:00:00Z
+END_MILLISECOND = 253402300800000  # 10000-01-01T00:00:00Z
+# Unix times at each bound of each documented range, and either side of it.
+EDGE_NUMBERS = [
+    *(FIRST_SECOND + delta for delta in (-1, -0.5, 0, 0.5)),
+    *(10**11 + delta for delta in (-1, -0.001, 0, 1)),
+    *(END_MILLISECOND + delta for delta in (-1, -0.5, 0, 1)),
+    *(-(10**11) + delta for delta in (-1, 0, 1)),
+    *(FIRST_SECOND * 1000 + delta for delta in (-1, 0, 1)),
+    0,
+    1716215520,
+    1716215520000,
+    1e308,
+    -1e308,
+]
+
+
+@pytest.mark.parametrize("value", EDGE_NUMBERS)
+def test_timestamp_numbers_documented_are_those_accepted(timestamp_schema, value):
+    """At every edge of the documented number ranges, the document and the service agree."""
+    assert timestamp_schema.is_valid(value) == accepted(value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.integers(min_value=-(10**16), max_value=10**16) | st.floats(allow_nan=False, allow_infinity=False))
+def test_timestamp_numbers_agree_everywhere(timestamp_schema, value):
+    """Any number: documented valid exactly when the service takes it."""
+    assert timestamp_schema.is_valid(value) == accepted(value)
+
+
+# RFC 3339 date-times, as format: date-time has them (an offset always, Z or ±HH:MM).
+offsets = st.just("Z") | st.builds(
+    lambda sign, minutes: f"{sign}{minutes // 60:02d}:{minutes % 60:02d}",
+    st.sampled_from("+-"),
+    st.integers(min_value=0, max_value=23 * 60 + 59),
+)
+rfc3339 = st.builds(
+    lambda moment, fraction, offset: moment.isoformat(timespec="seconds") + fraction + offset,
+    st.datetimes(),
+    st.just("") | st.integers(min_value=0, max_value=999999).map(lambda micros: f".{micros:06d}"),
+    offsets,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=rfc3339 | st.sampled_from(["0001-01-01T00:00:00+05:00", "9999-12-31T23:00:00-05:00"]))
+def test_timestamp_strings_documented_are_those_accepted(timestamp_schema, value):
+    """An RFC 3339 date-time is documented valid exactly when the service takes it and it is of years 2 to 9998 (the
+    service takes some of years 1 and 9999 too, as the description says)."""
+    year = int(value[:4])
+    assert timestamp_schema.is_valid(value) == (accepted(value) and 2 <= year <= 9998)
+
+
+@pytest.mark.parametrize(
+    ("value", "valid", "taken"),
+    [
+        ("2024-05-20T14:32:00Z", True, True),
+        ("2024-05-20T16:32:00.5+02:00", True, True),
+        ("2024-05-20T14:32:00z", False, False),
+        ("2024-05-20T23:59:60Z", False, False),
+        ("0000-01-01T00:00:00Z", False, False),
+        ("0001-01-01T00:00:00+05:00", False, False),
+        # Left out of the document, taken by the service (the description says so).
+        ("0001-06-01T00:00:00Z", False, True),
+        ("2024-05-20T14:32:00", False, True),
+        ("2024-05-20", False, True),
+    ],
+)
+def test_timestamp_string_edges(timestamp_schema, value, valid, taken):
+    """The string edges the description names."""
+    assert (timestamp_schema.is_valid(value), accepted(value)) == (valid, taken)
 
 
 def test_limits_in_the_document_are_the_apps_settings():
@@ -165,14 +306,20 @@ def test_custom_fields_do_not_leak_into_apispec_defaults():
     assert Timestamp not in DEFAULT_FIELD_MAPPING and JsonArray not in DEFAULT_FIELD_MAPPING
 
 
-def _broken_log_app() -> Flask:
-    """An app whose stdout is a pipe with no reader: every write fails, as when the log router dies."""
-    app = create_app({"TESTING": True})
+def _app_writing_to(fd: int, **settings: Any) -> Flask:
+    """An app whose event log and readiness check write to ``fd`` instead of stdout."""
+    app = create_app({"TESTING": True, "LOG_WRITE_TIMEOUT": 1.0, **settings})
+    register_extensions(app, stdout=fd)
+    return app
+
+
+@pytest.fixture
+def readerless_pipe() -> Iterator[int]:
+    """The write end of a pipe nobody reads, as stdout is when the log router has died."""
     read_end, write_end = os.pipe()
     os.close(read_end)
-    app.extensions["analytics"].event_log = EventLog(LockedWriter(write_end, timeout=1.0))
-    app.extensions["test_fd"] = write_end
-    return app
+    yield write_end
+    os.close(write_end)
 
 
 def _crashing_app() -> Flask:
@@ -182,59 +329,58 @@ def _crashing_app() -> Flask:
     def crash(events: Any) -> Any:
         raise RuntimeError("a bug")
 
-    app.extensions["analytics"].check = crash
+    app.extensions["ingestor"].check = crash
     return app
 
 
-GZIPPED = {"data": gzip.compress(ONE), "headers": {"Content-Encoding": "gzip"}}
+def post(data: bytes, **kwargs: Any) -> dict[str, Any]:
+    """Request arguments for a POST of ``data``."""
+    return {"data": data, **kwargs}
+
+
+GZIPPED = post(gzip.compress(ONE), headers={"Content-Encoding": "gzip"})
+ACCEPTED_ONE = {"success": True, "received": 1}
 # (id, path, method, request kwargs, expected status, expected body or None for the preflight)
 REQUESTS: list[tuple[str, str, str, dict[str, Any], int, Any]] = [
-    ("accepted", "/api/analytics", "POST", {"data": ONE}, 200, {"success": True, "received": 1}),
-    (
-        "accepted-text-plain",
-        "/api/analytics",
-        "POST",
-        {"data": ONE, "content_type": "text/plain"},
-        200,
-        {"success": True, "received": 1},
-    ),
+    ("accepted", "/api/analytics", "POST", post(ONE), 200, ACCEPTED_ONE),
+    ("accepted-text-plain", "/api/analytics", "POST", post(ONE, content_type="text/plain"), 200, ACCEPTED_ONE),
     (
         "accepted-form",
         "/api/analytics",
         "POST",
-        {"data": ONE, "content_type": "application/x-www-form-urlencoded"},
+        post(ONE, content_type="application/x-www-form-urlencoded"),
         200,
-        {"success": True, "received": 1},
+        ACCEPTED_ONE,
     ),
-    ("accepted-gzip", "/api/analytics", "POST", GZIPPED, 200, {"success": True, "received": 1}),
-    ("empty-batch", "/api/analytics", "POST", {"data": b'{"events":[]}'}, 200, {"success": True, "received": 0}),
+    ("accepted-gzip", "/api/analytics", "POST", GZIPPED, 200, ACCEPTED_ONE),
+    ("empty-batch", "/api/analytics", "POST", post(b'{"events":[]}'), 200, {"success": True, "received": 0}),
     (
         "partly-rejected",
         "/api/analytics",
         "POST",
-        {"data": b'{"events":[{"type":"a"},{"type":"b","x":1,"id":"e2"}]}'},
+        post(b'{"events":[{"type":"a"},{"type":"b","x":1,"id":"e2"}]}'),
         200,
         {"success": True, "received": 1, "rejected": [{"index": 1, "id": "e2", "errors": {"x": ["Unknown field."]}}]},
     ),
-    ("invalid-json", "/api/analytics", "POST", {"data": b"{"}, 400, {"error": "Invalid JSON"}),
+    ("invalid-json", "/api/analytics", "POST", post(b"{"), 400, {"error": messages.INVALID_JSON}),
     (
         "truncated-gzip",
         "/api/analytics",
         "POST",
-        {"data": gzip.compress(ONE)[:-8], "headers": {"Content-Encoding": "gzip"}},
+        post(gzip.compress(ONE)[:-8], headers={"Content-Encoding": "gzip"}),
         400,
-        {"error": "Invalid JSON"},
+        {"error": messages.INVALID_JSON},
     ),
-    ("not-an-object", "/api/analytics", "POST", {"data": b"[]"}, 400, {"error": "Invalid events"}),
-    ("events-not-array", "/api/analytics", "POST", {"data": b'{"events":{}}'}, 400, {"error": "Invalid events"}),
+    ("not-an-object", "/api/analytics", "POST", post(b"[]"), 400, {"error": messages.INVALID_EVENTS}),
+    ("events-not-array", "/api/analytics", "POST", post(b'{"events":{}}'), 400, {"error": messages.INVALID_EVENTS}),
     (
         "all-rejected",
         "/api/analytics",
         "POST",
-        {"data": b'{"events":[{"type":""}]}'},
+        post(b'{"events":[{"type":""}]}'),
         400,
         {
-            "error": "Invalid events",
+            "error": messages.INVALID_EVENTS,
             "rejected": [{"index": 0, "errors": {"type": ["Length must be between 1 and 256."]}}],
         },
     ),
@@ -242,40 +388,43 @@ REQUESTS: list[tuple[str, str, str, dict[str, Any], int, Any]] = [
         "invalid-timestamp",
         "/api/analytics",
         "POST",
-        {"data": b'{"events":[],"timestamp":"soon"}'},
+        post(b'{"events":[],"timestamp":"soon"}'),
         400,
-        {"error": "Invalid timestamp"},
+        {"error": messages.INVALID_TIMESTAMP},
     ),
-    ("get-ingest", "/api/analytics", "GET", {}, 405, {"error": "Method not allowed"}),
-    ("delete-health", "/healthz", "DELETE", {}, 405, {"error": "Method not allowed"}),
-    ("post-openapi", "/api/openapi.json", "POST", {"data": ONE}, 405, {"error": "Method not allowed"}),
-    ("unknown-path", "/api/nothing", "GET", {}, 404, {"error": "Not found"}),
+    ("get-ingest", "/api/analytics", "GET", {}, 405, {"error": messages.METHOD_NOT_ALLOWED}),
+    ("delete-health", "/healthz", "DELETE", {}, 405, {"error": messages.METHOD_NOT_ALLOWED}),
+    ("post-openapi", "/api/openapi.json", "POST", post(ONE), 405, {"error": messages.METHOD_NOT_ALLOWED}),
+    ("post-script", "/analytics.js", "POST", post(ONE), 405, {"error": messages.METHOD_NOT_ALLOWED}),
+    ("unknown-path", "/api/nothing", "GET", {}, 404, {"error": messages.NOT_FOUND}),
+    ("unknown-page", "/demo/", "GET", {}, 404, {"error": messages.NOT_FOUND}),
     (
         "body-too-large",
         "/api/analytics",
         "POST",
-        {"data": b" " * (1024 * 1024 + 1)},
+        post(b" " * (1024 * 1024 + 1)),
         413,
-        {"error": "Payload too large", "limit_bytes": 1024 * 1024},
+        {"error": messages.PAYLOAD_TOO_LARGE, "limit_bytes": 1024 * 1024},
     ),
     (
         "too-many-events",
         "/api/analytics",
         "POST",
-        {"data": b'{"events":[' + b",".join([b"{}"] * 1001) + b"]}"},
+        post(b'{"events":[' + b",".join([b"{}"] * 1001) + b"]}"),
         413,
-        {"error": "Too many events", "limit_events": 1000},
+        {"error": messages.TOO_MANY_EVENTS, "limit_events": 1000},
     ),
     (
         "brotli",
         "/api/analytics",
         "POST",
-        {"data": ONE, "headers": {"Content-Encoding": "br"}},
+        post(ONE, headers={"Content-Encoding": "br"}),
         415,
-        {"error": "Unsupported Content-Encoding", "supported": ["gzip", "identity"]},
+        {"error": messages.UNSUPPORTED_ENCODING, "supported": ["gzip", "x-gzip", "identity"]},
     ),
     ("preflight", "/api/analytics", "OPTIONS", {"headers": PREFLIGHT}, 204, None),
     ("health", "/healthz", "GET", {}, 200, {"status": "ok"}),
+    ("ready", "/readyz", "GET", {}, 200, {"status": "ready"}),
 ]
 
 
@@ -302,21 +451,74 @@ def test_openapi_response_matches_the_document(client, doc):
     assert_matches(doc, "/api/openapi.json", "GET", response)
 
 
-def test_failed_log_write_is_the_documented_500(doc):
+def test_browser_client_responses_match_the_document(client, doc):
+    """The script, its redirect from an old version, its 304, and the demo page: as documented, none of them JSON."""
+    script = client.get("/analytics.js")
+    assert (script.status_code, script.mimetype) == (200, "text/javascript")
+    assert_matches(doc, "/analytics.js", "GET", script)
+    moved = client.get("/analytics.js?v=0000000000000000")
+    assert (moved.status_code, moved.mimetype) == (302, "text/html")
+    assert_matches(doc, "/analytics.js", "GET", moved)
+    pinned = client.get(moved.headers["Location"])
+    assert (pinned.status_code, pinned.data) == (200, script.data)
+    unchanged = client.get("/analytics.js", headers={"If-None-Match": script.headers["ETag"]})
+    assert (unchanged.status_code, unchanged.data) == (304, b"")
+    assert_matches(doc, "/analytics.js", "GET", unchanged)
+    page = client.get("/demo")
+    assert (page.status_code, page.mimetype) == (200, "text/html")
+    assert_matches(doc, "/demo", "GET", page)
+
+
+def test_head_and_options_answer_as_the_description_says(client, doc):
+    """HEAD where GET is listed and OPTIONS on every path are answered, not 405s: the description says so."""
+    assert "HEAD where GET is listed and OPTIONS" in doc["info"]["description"]
+    head = client.head("/healthz")
+    assert (head.status_code, head.data, "X-Request-ID" in head.headers) == (200, b"", True)
+    options = client.options("/demo")
+    assert (options.status_code, options.data) == (204, b"")
+    assert set(options.headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS"}
+
+
+# Requests from an origin CORS_ORIGINS does not list: (path, method, request kwargs besides the Origin header).
+REFUSED_ORIGIN = [
+    ("/api/analytics", "POST", post(ONE)),
+    ("/api/analytics", "OPTIONS", {"headers": {"Access-Control-Request-Method": "POST"}}),
+    ("/api/openapi.json", "GET", {}),
+]
+
+
+@pytest.mark.parametrize(("path", "method", "kwargs"), REFUSED_ORIGIN)
+def test_refused_origin_is_the_documented_403(capfd, doc, path, method, kwargs):
+    """With CORS_ORIGINS a list, a request from another origin gets the documented 403 and writes nothing."""
+    client = create_app({"TESTING": True, "CORS_ORIGINS": [ALLOWED_ORIGIN]}).test_client()
+    capfd.readouterr()
+    kwargs = {**kwargs, "headers": {"Origin": "https://elsewhere.example", **kwargs.get("headers", {})}}
+    response = client.open(path, method=method, **kwargs)
+    assert (response.status_code, strict_json(response.data)) == (403, {"error": messages.ORIGIN_NOT_ALLOWED})
+    assert_matches(doc, path, method, response)
+    assert capfd.readouterr().out == ""
+
+
+def test_failed_log_write_is_the_documented_500(doc, readerless_pipe):
     """The event log failing (stdout a pipe nobody reads) is a 500 whose body the document describes."""
-    app = _broken_log_app()
-    try:
-        response = app.test_client().post("/api/analytics", data=ONE)
-    finally:
-        os.close(app.extensions["test_fd"])
-    assert (response.status_code, strict_json(response.data)) == (500, {"error": "Failed to process events"})
+    response = _app_writing_to(readerless_pipe).test_client().post("/api/analytics", data=ONE)
+    assert (response.status_code, strict_json(response.data)) == (500, {"error": messages.LOG_WRITE_FAILED})
     assert_matches(doc, "/api/analytics", "POST", response)
+
+
+def test_unwritable_stdout_is_the_documented_503(doc, readerless_pipe):
+    """/readyz with stdout a pipe nobody reads: the documented 503, its reason saying why."""
+    response = _app_writing_to(readerless_pipe).test_client().get("/readyz")
+    body = strict_json(response.data)
+    assert (response.status_code, body["error"], set(body)) == (503, messages.NOT_READY, {"error", "reason"})
+    assert "nothing reads it" in body["reason"]
+    assert_matches(doc, "/readyz", "GET", response)
 
 
 def test_uncaught_exception_is_the_documented_500(doc):
     """A bug in the service (an uncaught exception, TESTING off) is a 500 whose body the document describes."""
     response = _crashing_app().test_client().post("/api/analytics", data=ONE)
-    assert (response.status_code, strict_json(response.data)) == (500, {"error": "Internal server error"})
+    assert (response.status_code, strict_json(response.data)) == (500, {"error": messages.INTERNAL_ERROR})
     assert_matches(doc, "/api/analytics", "POST", response)
 
 
@@ -324,17 +526,21 @@ def test_stalled_body_is_the_documented_408(doc):
     """The 408 of a body that stops arriving matches the document."""
     client = create_app({"TESTING": True, "BODY_READ_TIMEOUT": 0.2}).test_client()
     response = stalled_body_request(client)
-    assert (response.status_code, strict_json(response.data)) == (408, {"error": "Request timeout"})
+    assert (response.status_code, strict_json(response.data)) == (408, {"error": messages.REQUEST_TIMEOUT})
     assert_matches(doc, "/api/analytics", "POST", response)
 
 
-def test_table_covers_every_documented_status(doc):
-    """The requests above produce every status the document lists (408 and 500 by the tests above)."""
+def test_tests_above_produce_every_documented_status(doc):
+    """Between them, the tests above produce every status the document lists, and both shared ones."""
     produced = {(path, method.lower(), str(status)) for _, path, method, _, status, _ in REQUESTS}
     produced |= {
         ("/api/analytics", "post", "408"),
         ("/api/analytics", "post", "500"),
         ("/api/openapi.json", "get", "200"),
+        ("/readyz", "get", "503"),
+        *(("/analytics.js", "get", status) for status in ("200", "302", "304")),
+        ("/demo", "get", "200"),
+        *((path, method.lower(), "403") for path, method, _ in REFUSED_ORIGIN),
     }
     documented_statuses = {(p, m, s) for (p, m), statuses in EXPECTED_OPERATIONS.items() for s in statuses}
     assert documented_statuses <= produced
