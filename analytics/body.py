@@ -12,6 +12,7 @@ import orjson
 from flask import Request
 from gunicorn.http.errors import ParseException
 
+from analytics import messages
 from analytics.errors import ApiError
 
 CHUNK_BYTES = 64 * 1024
@@ -27,12 +28,12 @@ GZIP_WBITS = 16 + zlib.MAX_WBITS
 
 def invalid_json() -> ApiError:
     """The 400 for a body that is not a complete JSON text."""
-    return ApiError(400, "Invalid JSON")
+    return ApiError(400, messages.INVALID_JSON)
 
 
 def too_large(limit: int) -> ApiError:
     """The 413 for a body over ``limit`` bytes."""
-    return ApiError(413, "Payload too large", limit_bytes=limit)
+    return ApiError(413, messages.PAYLOAD_TOO_LARGE, limit_bytes=limit)
 
 
 def _drain(stream: IO[bytes]) -> None:
@@ -97,7 +98,7 @@ def _read_timeout(request: Request, seconds: float) -> Iterator[None]:
         yield
     except (TimeoutError, BlockingIOError) as error:
         # A blocking socket past SO_RCVTIMEO fails with EAGAIN, which Python raises as BlockingIOError.
-        raise ApiError(408, "Request timeout") from error
+        raise ApiError(408, messages.REQUEST_TIMEOUT) from error
     except (OSError, ParseException) as error:
         # A malformed chunk, or the client gone mid-body: gunicorn raises these as the app reads.
         raise invalid_json() from error
@@ -124,7 +125,7 @@ def read_json(request: Request, limit: int, timeout: float) -> Any:
     """Parse the body as JSON whatever the Content-Type says; raise ApiError if that cannot be done."""
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in GZIP and encoding not in IDENTITY:
-        raise ApiError(415, "Unsupported Content-Encoding", supported=[*GZIP, "identity"])
+        raise ApiError(415, messages.UNSUPPORTED_ENCODING, supported=[*GZIP, "identity"])
     with _read_timeout(request, timeout):
         body = _read(request, limit)
     if encoding in GZIP:

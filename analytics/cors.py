@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 from flask import Flask, Response, request
 
+from analytics import messages
 from analytics.errors import ApiError
 
 # Response headers a page may read besides the safelisted ones.
@@ -35,7 +36,7 @@ def register_cors(app: Flask, origins: str | Iterable[str], prefix: str = "/api/
     def refuse_other_origins() -> None:
         origin = request.environ.get("HTTP_ORIGIN")
         if origin is not None and not any_origin and origin not in allowed and request.path.startswith(prefix):
-            raise ApiError(403, "Origin not allowed")
+            raise ApiError(403, messages.ORIGIN_NOT_ALLOWED)
 
     @app.after_request
     def add_cors_headers(response: Response) -> Response:

@@ -6,6 +6,8 @@ import structlog
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
+from analytics import messages
+
 log = structlog.get_logger()
 
 
@@ -34,7 +36,7 @@ def _handle_api_error(error: ApiError) -> Response:
 def _handle_http_exception(error: HTTPException) -> Response:
     """Werkzeug's errors (404, 405, ...) as JSON, keeping their headers such as Allow."""
     response = error.get_response()
-    body = error_response(error.code or 500, (error.name or "Error").capitalize())
+    body = error_response(error.code or 500, messages.http_error_message(error.name or "Error"))
     response.data = body.data
     response.content_type = body.content_type
     return response
@@ -43,7 +45,7 @@ def _handle_http_exception(error: HTTPException) -> Response:
 def _handle_unexpected(error: Exception) -> Response:
     """A bug of ours: logged with its traceback, answered as JSON rather than Flask's HTML page."""
     log.exception("unhandled_exception")
-    return error_response(500, "Internal server error")
+    return error_response(500, messages.INTERNAL_ERROR)
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import structlog
 from marshmallow import ValidationError
 
+from analytics import messages
 from analytics.errors import ApiError
 from analytics.eventlog import EventLog, event_logger
 from analytics.fastload import compile_loader
@@ -32,8 +33,8 @@ def load_batch(body: Any) -> tuple[list[Any], datetime | None]:
             batch = BATCH_SCHEMA.load(body)
         except ValidationError as error:
             if set(error.messages) == {"timestamp"}:
-                raise ApiError(400, "Invalid timestamp") from error
-            raise ApiError(400, "Invalid events") from error
+                raise ApiError(400, messages.INVALID_TIMESTAMP) from error
+            raise ApiError(400, messages.INVALID_EVENTS) from error
     return batch["events"], batch.get("timestamp")
 
 
@@ -122,7 +123,7 @@ class Ingestor:
         A batch too long is a 413, and one with nothing valid but something invalid a 400.
         """
         if len(events) > self.max_events:
-            raise ApiError(413, "Too many events", limit_events=self.max_events)
+            raise ApiError(413, messages.TOO_MANY_EVENTS, limit_events=self.max_events)
         accepted, rejected = [], []
         for index, raw in enumerate(events):
             loaded = self.fast_load(raw)
@@ -134,7 +135,7 @@ class Ingestor:
                     continue
             accepted.append(loaded)
         if rejected and not accepted:
-            raise ApiError(400, "Invalid events", rejected=rejected)
+            raise ApiError(400, messages.INVALID_EVENTS, rejected=rejected)
         return accepted, rejected
 
     def write(self, events: list[dict[str, Any]], context: dict[str, Any]) -> None:
@@ -153,4 +154,4 @@ class Ingestor:
             self._lines.info(events=lines, **context)
         except LogWriteError as error:
             log.error("event_log_write_failed", error=str(error), events=len(lines))
-            raise ApiError(500, "Failed to process events") from error
+            raise ApiError(500, messages.LOG_WRITE_FAILED) from error
