@@ -499,6 +499,37 @@ def test_what_nginx_cannot_check_gets_gunicorns_html(stack, extra, status):
     assert access["upstream_status"] == str(status)
 
 
+def test_worker_killed_at_its_timeout_is_gunicorns_html_500_through_nginx(tmp_path):
+    """The known edge docs/reliability.md states: a worker gunicorn kills at its timeout answers with gunicorn's
+    text/html 500, which nginx passes on like any answer of the service. Here gunicorn's timeout is 3 s and its
+    stdout is left unread, so that a batch waits for room in the pipe until the worker is killed."""
+    env = {"GUNICORN_CMD_ARGS": "--timeout 3", "ANALYTICS_LOG_WRITE_TIMEOUT": "60"}
+    server = Server(tmp_path, workers=1, env=env).start()
+    nginx = Nginx(tmp_path, server.port).start()
+    answers = []
+    try:
+        server.pause_stdout()
+        # Batches of about 900 KiB of event lines, until one finds the pipe full (it takes a few MiB at most).
+        for n in range(4):
+            events = [{"type": "stuck", "id": f"stuck-{n}-{i}", "payload": {"text": "x" * 30_000}} for i in range(30)]
+            body = orjson.dumps({"events": events})
+            line = f"POST /api/analytics?batch={n} HTTP/1.1"
+            data = head(line.encode(), f"Content-Length: {len(body)}".encode()) + body
+            status, headers, _ = exchange(nginx.port, data)
+            answers.append((status, headers["content-type"]))
+            if status != 200:
+                break
+    finally:
+        server.resume_stdout()
+        nginx.stop()
+        server.stop()
+    assert answers[:-1] == [(200, "application/json")] * (len(answers) - 1)
+    assert answers[-1][0] == 500
+    assert answers[-1][1].startswith("text/html")
+    access = wait_for_access(nginx, request=line)
+    assert (access["status"], access["upstream_status"]) == (500, "500")
+
+
 def test_body_nginx_cannot_buffer_is_a_json_500(tmp_path):
     """A body nginx fails to write to a temporary file (one over client_body_buffer_size) gets a JSON 500."""
     nginx = Nginx(tmp_path, free_port()).start()
