@@ -97,7 +97,11 @@ class Server:
     def __init__(
         self, tmp_path: Path, workers: int = 2, env: dict[str, str] | None = None, stdout_fifo: bool = False
     ) -> None:
-        self.port = free_port()
+        # Bound here and handed to gunicorn (--bind fd://N): a port only chosen here could be taken, by another
+        # test run's server or by a client's outgoing connection, before gunicorn bound it.
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.stderr_path = tmp_path / f"gunicorn-{self.port}.stderr"
         self.fifo = tmp_path / f"gunicorn-{self.port}.stdout" if stdout_fifo else None
@@ -117,28 +121,30 @@ class Server:
         }
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "Server":
-        """Start gunicorn and wait until /healthz answers."""
+    def start(self, timeout: float = 60) -> "Server":
+        """Start gunicorn and wait until /healthz answers (a minute at most: starting is slow on a busy machine)."""
         stdout: int = subprocess.PIPE
         if self.fifo:
             os.mkfifo(self.fifo)
             # The reader first, non-blocking, so that opening the writer does not wait.
             self._stdout_fd = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK)
             stdout = os.open(self.fifo, os.O_WRONLY)
-        self.process = subprocess.Popen(
-            [str(GUNICORN), "wsgi:app", "--bind", f"127.0.0.1:{self.port}"],
-            cwd=ROOT,
-            env=self._env,
-            stdout=stdout,
-            stderr=self.stderr_path.open("wb"),
-        )
+        with self._listener, self.stderr_path.open("wb") as stderr:
+            self.process = subprocess.Popen(
+                [str(GUNICORN), "wsgi:app", "--bind", f"fd://{self._listener.fileno()}"],
+                cwd=ROOT,
+                env=self._env,
+                stdout=stdout,
+                stderr=stderr,
+                pass_fds=(self._listener.fileno(),),
+            )
         if self.fifo:
             os.close(stdout)
         else:
             assert self.process.stdout
             self._stdout_fd = self.process.stdout.fileno()
         self._start_reader()
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited: {self.stderr_path.read_text()}")
