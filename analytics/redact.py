@@ -15,8 +15,9 @@ A run of words spells a secret word exactly when the secret word's letters
 appear in the key in order with only separators between them, the first at a
 word's start and the last at a word's end; one regular expression looks for
 that, testing where a word starts or ends only around a candidate's first and
-last letters. It tries each position of the key once, and from each follows at
-most one secret word's letters, so its cost is linear in the key's length.
+last letters. From each candidate it follows the secret words' letters (as a
+tree), so no character is looked at more times than the longest secret word
+has letters: the cost is linear in the key's length.
 """
 
 import re
@@ -55,8 +56,11 @@ def _char_class(chars: Iterable[str]) -> str:
 def _case_tables() -> tuple[str, dict[str, list[str]]]:
     """The upper-case letters as a character set, and for each lower-case letter the letters lowering to it.
 
-    Python's re has no class for upper-case letters, hence the scan, once. No code
-    point past plane 1 has case.
+    Python's re has no class for upper-case letters, hence the scan, once. Only the
+    Basic Multilingual Plane is read: a set reaching past it is no longer compiled to
+    a table but to a list of ranges, tried one by one for every character tested,
+    which made long keys several times slower. Beyond it (Deseret, Adlam, mathematical
+    letters) letters count as caseless.
     """
     upper, lowering_to = [], defaultdict(list)
     for char in map(chr, range(0x10000)):
@@ -111,24 +115,28 @@ def _word_start(char: str) -> str:
     return STARTS_AFTER_LOWER
 
 
+def _one_of(chars: Iterable[str]) -> str:
+    """A character set matching any of ``chars``."""
+    return f"[{''.join(map(re.escape, chars))}]"
+
+
 def _rest(trie: dict[str, Any]) -> str:
-    """The pattern for the remaining letters of the secret words in ``trie`` (a letter tree), then their end."""
-    branches = [
-        SEPARATORS + f"[{''.join(map(re.escape, _spellings(char)))}]" + _rest(child)
-        for char, child in sorted(trie.items())
-        if char
-    ]
+    """The pattern for the remaining letters of the secret words in ``trie`` (a letter tree), and a plural "s"."""
+    branches = [SEPARATORS + _one_of(_spellings(char)) + _rest(child) for char, child in sorted(trie.items()) if char]
     if "" in trie:
-        branches.append(PLURAL + ENDS)
+        branches.append(PLURAL)
     return branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
 
 
 def secret_pattern(secrets: Iterable[str]) -> re.Pattern[str]:
     """The expression that finds a run of words spelling one of ``secrets`` (as secret_word made them).
 
-    One branch per character that may start a secret word, each a plain character, so
-    that the search skips at C speed to the places where one of them is; letters
-    shared by several secret words are followed once (the branches form a tree).
+    It starts with one set of every character a secret word can start with, so that
+    the search skips at C speed to where one is; then checks that a word starts
+    there, and follows the letters of the secret words starting with that character,
+    those shared by several secret words once (the branches form a tree); then checks
+    that a word ends there. The upper-case set is large: it appears in those two
+    checks only, not once per secret word (a worker held 13 MiB of copies when it did).
     """
     trie: dict[str, Any] = {}
     for secret in secrets:
@@ -136,12 +144,13 @@ def secret_pattern(secrets: Iterable[str]) -> re.Pattern[str]:
         for char in secret:
             node = node.setdefault(char, {})
         node[""] = {}
-    branches = [
-        re.escape(spelling) + _word_start(spelling) + _rest(child)
-        for char, child in sorted(trie.items())
-        for spelling in _spellings(char)
-    ]
-    return re.compile("|".join(branches))
+    first = [spelling for char in trie for spelling in _spellings(char)]
+    starts: dict[str, list[str]] = defaultdict(list)
+    for spelling in first:
+        starts[_word_start(spelling)].append(spelling)
+    starts_word = "|".join(f"(?<={_one_of(chars)}){check}" for check, chars in starts.items())
+    letters = "|".join(f"(?<={_one_of(_spellings(char))}){_rest(child)}" for char, child in sorted(trie.items()))
+    return re.compile(f"{_one_of(first)}(?:{starts_word})(?:{letters}){ENDS}")
 
 
 class Redactor:
@@ -155,6 +164,7 @@ class Redactor:
         self._cached_is_secret = lru_cache(maxsize=CACHED_KEYS)(self._is_secret)
 
     def _is_secret(self, key: str) -> bool:
+        """Whether ``key`` names a secret, worked out afresh."""
         return self._secret_run.search(key) is not None
 
     def is_secret(self, key: str) -> bool:
