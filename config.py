@@ -95,7 +95,7 @@ def check_settings(settings: dict) -> None:
         if not isinstance(value, list | tuple) or not all(isinstance(item, str) for item in value):
             raise SettingsError(f"{name} must be a list of strings (a JSON array, or comma-separated), not {value!r}")
     if not settings["REDACT_KEYS"]:
-        raise SettingsError("REDACT_KEYS must name at least one secret word (REDACT_PAYLOADS=false turns redaction off)")
+        raise SettingsError("REDACT_KEYS must name at least one secret word (REDACT_PAYLOADS=false turns it off)")
     for name in ("REDACT_KEYS", "REDACT_KEYS_EXTRA"):
         for entry in settings[name]:
             # Without a letter or a digit an entry would match nothing a key is made of.

@@ -32,6 +32,9 @@ def load_batch(body: Any) -> tuple[list[Any], datetime | None]:
         try:
             batch = BATCH_SCHEMA.load(body)
         except ValidationError as error:
+            # marshmallow raises it from a frame that holds it: a reference cycle which, with the
+            # body in it, would outlive the request until the collector next runs. Cut here.
+            error.__traceback__ = None
             if set(error.messages) == {"timestamp"}:
                 raise ApiError(400, messages.INVALID_TIMESTAMP) from error
             raise ApiError(400, messages.INVALID_EVENTS) from error
@@ -131,6 +134,7 @@ class Ingestor:
                 try:
                     loaded = self.schema.load(raw)
                 except ValidationError as error:
+                    error.__traceback__ = None  # the cycle, as in load_batch
                     rejected.append(_rejection(index, raw, error.messages))
                     continue
             accepted.append(loaded)
@@ -147,9 +151,9 @@ class Ingestor:
             if None in event.values():
                 # None means absent: such fields are left off the line.
                 event = {key: value for key, value in event.items() if value is not None}
-            if "payload" in event and self.redactor:
-                self.redactor.redact(event["payload"])
             lines.append(event)
+        if self.redactor:
+            self.redactor.for_request()(event["payload"] for event in lines if "payload" in event)
         try:
             self._lines.info(events=lines, **context)
         except LogWriteError as error:

@@ -266,7 +266,7 @@ def test_redaction_at_any_depth(client, capfd):
         "password": "hunter2",
         "user": {"name": "ann", "API_KEY": "k", "cards": [{"Card-Number": "4111", "last4": "1111"}]},
         "accessToken": "t",
-        "tokens": 3,
+        "tokenizer": 3,
         "note": "password",
     }
     response = post(client, {"events": [{"type": "a", "payload": payload}]})
@@ -276,7 +276,7 @@ def test_redaction_at_any_depth(client, capfd):
         "password": "[REDACTED]",
         "user": {"name": "ann", "API_KEY": "[REDACTED]", "cards": [{"Card-Number": "[REDACTED]", "last4": "1111"}]},
         "accessToken": "[REDACTED]",
-        "tokens": 3,
+        "tokenizer": 3,
         "note": "password",
     }
 

@@ -149,6 +149,14 @@ WORST_BODIES = {
     "objects_in_every_payload": per_event(b'{"type":"a","payload":{"x":[' + b",".join([b"{}"] * 340) + b"]}}"),
     "deep_payloads": per_event(b'{"type":"a","payload":{"x":' + b"[" * 250 + b"]" * 250 + b"}}"),
     "many_keys": per_event(b'{"type":"a","payload":{' + b",".join(b'"k%d":0' % i for i in range(120)) + b"}}"),
+    # Keys made to be slow to check for secret words, never seen before: long ones, and many short ones.
+    "slow_long_keys": events_body(b'{"type":"a","payload":{"' + b"aP" * 15000 + b'":0}}', 32),
+    "slow_short_keys": b'{"events":['
+    + b",".join(
+        b'{"type":"a","payload":{' + b",".join(b'"%s%05d":0' % (b"aP" * 27, e * 20 + k) for k in range(20)) + b"}}"
+        for e in range(720)
+    )
+    + b"]}",
     "invalid_events": per_event(b'{"type":1,"payload":{"x":[' + b",".join([b"[0]"] * 250) + b"]}}"),
     "unknown_fields": per_event(b'{"type":"a","zz":[' + b",".join([b"[0]"] * 250) + b"]}"),
     "escapes": fill(b'{"events":[{"type":"a"}],"x":[', b'"\\u0085\\u0000"', b"]}"),

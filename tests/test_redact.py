@@ -9,7 +9,7 @@ from flask.testing import FlaskClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analytics.redact import CACHED_KEY_CHARS, Redactor, secret_word
+from analytics.redact import CACHED_KEY_CHARS, KEY_CHARS_PER_REQUEST, Redactor, secret_word
 from app import create_app
 from config import Config
 from tests.harness.lines import parse_lines
@@ -236,6 +236,30 @@ def test_a_long_key_costs_what_its_length_does():
     one_large = best_of_three(lambda: DEFAULT.is_secret(large))
     many_small = best_of_three(lambda: [DEFAULT.is_secret(small) for _ in range(1024)])
     assert one_large / many_small < 5, (one_large, many_small)
+
+
+def test_checking_new_keys_is_bounded_per_request(capfd):
+    """A request may have at most KEY_CHARS_PER_REQUEST characters of never-seen keys checked: the values of
+    further new keys are redacted unchecked (the safe side), with one diagnostic line; known keys still pass."""
+    client = create_app({"TESTING": True}).test_client()
+    warm = client.post("/api/analytics", json={"events": [{"type": "a", "payload": {"sku": 1}}]})
+    assert warm.status_code == 200
+    capfd.readouterr()
+    keys = [f"{number:06}" + "x" * 994 for number in range(KEY_CHARS_PER_REQUEST // 1000 + 8)]
+    events = [
+        {"type": "a", "payload": {key: 1 for key in keys[start : start + 8]} | {"sku": 2}}
+        for start in range(0, len(keys), 8)
+    ]
+    response = client.post("/api/analytics", json={"events": events})
+    assert (response.status_code, response.json) == (200, {"success": True, "received": len(events)})
+    out, err = capfd.readouterr()
+    payloads = [line["payload"] for line in parse_lines(out.encode())]
+    values = [payload[key] for payload in payloads for key in payload if key != "sku"]
+    checked = KEY_CHARS_PER_REQUEST // 1000
+    assert values[:checked] == [1] * checked
+    assert values[checked:] == ["[REDACTED]"] * (len(keys) - checked)
+    assert all(payload["sku"] == 2 for payload in payloads)
+    assert [json.loads(line)["event"] for line in err.splitlines()] == ["redaction_budget_spent"]
 
 
 # The rule as the documentation words it, written plainly (and slowly): the expression must agree with it.
