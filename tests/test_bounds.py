@@ -194,5 +194,4 @@ def test_no_body_costs_more_than_a_few_valid_batches(capfd):
         capfd.readouterr()
     valid_cost = statistics.median(costs.pop("valid"))
     ratios = {name: round(statistics.median(times) / valid_cost, 1) for name, times in costs.items()}
-    print(ratios)
     assert max(ratios.values()) <= WORST_OVER_VALID, ratios
