@@ -3,12 +3,13 @@
 structlog emits event lines as it emits any log line: the ingestor calls
 ``logger.info(events=..., **context)`` on the logger that ``event_logger``
 builds; its processor, ``render_lines``, renders the batch (each event with the
-request's context); its logger, the ``EventLog``, hands the lines to the sinks.
-A sink is where lines go and says when it holds them: ``StdoutSink`` writes
-them to stdout whole, under a lock (``analytics.stdout``).
+request's context); its logger, the ``EventLog``, hands the ``Batch`` to the
+sinks. A sink is where lines go and says when it holds them: ``StdoutSink``
+writes them to stdout whole, under a lock (``analytics.stdout``).
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
@@ -18,13 +19,22 @@ from analytics.lines import encode, escape_line_breaks
 from analytics.stdout import LockedWriter
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One request's accepted events, as every sink takes them: each event (as written) and its line."""
+
+    events: Sequence[dict[str, Any]]
+    # Each event's line, without the newline: what stdout holds, and a message body elsewhere.
+    lines: Sequence[bytes]
+
+
 class Sink(Protocol):
     """Where event lines go. ``write`` returns only once the sink holds every line, and raises otherwise."""
 
     name: str
 
-    def write(self, lines: Sequence[bytes]) -> None:
-        """Take the batch's lines (each without its newline) whole, or raise."""
+    def write(self, batch: Batch) -> None:
+        """Take the batch whole, or raise."""
 
     def unready_reason(self) -> str | None:
         """Why the sink cannot take a batch now (for /readyz), or None when it can."""
@@ -43,12 +53,12 @@ class StdoutSink:
     def unready_reason(self) -> str | None:
         return self.writer.unready_reason(self.min_free)
 
-    def write(self, lines: Sequence[bytes]) -> None:
+    def write(self, batch: Batch) -> None:
         # One buffer, one locked write: a batch is never split between two writers.
-        self.writer.write(b"\n".join(lines) + b"\n")
+        self.writer.write(b"\n".join(batch.lines) + b"\n")
 
 
-def render_lines(logger: Any, method_name: str, event_dict: dict[str, Any]) -> tuple[tuple[list[bytes]], dict]:
+def render_lines(logger: Any, method_name: str, event_dict: dict[str, Any]) -> tuple[tuple[Batch], dict]:
     """The structlog processor for event lines: one line per event of the batch, ``kind`` and ``type`` first.
 
     ``event_dict`` holds the batch's ``events`` and the request's context. The
@@ -61,7 +71,7 @@ def render_lines(logger: Any, method_name: str, event_dict: dict[str, Any]) -> t
     for event in events:
         head = orjson.dumps({"kind": "event", "type": event["type"], **event}, option=orjson.OPT_UTC_Z)[:-1]
         lines.append(escape_line_breaks(head) + tail)
-    return (lines,), {}
+    return (Batch(events, lines),), {}
 
 
 class EventLog:
@@ -70,9 +80,9 @@ class EventLog:
     def __init__(self, sinks: Sequence[Sink]) -> None:
         self.sinks = tuple(sinks)
 
-    def info(self, lines: list[bytes]) -> None:
+    def info(self, batch: Batch) -> None:
         for sink in self.sinks:
-            sink.write(lines)
+            sink.write(batch)
 
     def unready_reason(self) -> str | None:
         """Why some sink cannot take a batch now, or None when every one can."""
