@@ -13,6 +13,7 @@ from analytics.errors import register_error_handlers
 from analytics.eventlog import EventLog, StdoutSink
 from analytics.ingest import Ingestor
 from analytics.jsonprovider import OrjsonProvider
+from analytics.lines import most_written
 from analytics.logs import configure_logging
 from analytics.peers import Peers
 from analytics.stdout import LockedWriter, check_writable
@@ -74,8 +75,8 @@ def register_request_ids(app: Flask) -> None:
 def register_extensions(app: Flask, stdout: int = STDOUT) -> None:
     """The event log and the ingestor, built once from the settings; ``stdout`` is the descriptor written to."""
     writer = LockedWriter(stdout, timeout=app.config["LOG_WRITE_TIMEOUT"])
-    # Room for the most one request can make the service write (docs/event-log.md), or not ready.
-    min_free = 4 * app.config["MAX_BODY_BYTES"] + 2048 * app.config["MAX_EVENTS"]
+    # Room for the most one request can make the service write, or not ready.
+    min_free = most_written(app.config["MAX_BODY_BYTES"], app.config["MAX_EVENTS"])
     event_log = EventLog([StdoutSink(writer, min_free=min_free)])
     app.extensions["event_log"] = event_log
     app.extensions["ingestor"] = Ingestor(app.config, event_log)

@@ -9,6 +9,19 @@ from typing import Any
 
 import orjson
 
+# What a line may hold besides its event's own bytes: "kind", the event's timestamp rewritten
+# as RFC 3339 (up to 27 bytes more), and the context (a 128-character request id, a
+# 45-character address, two times): about 400 bytes, with room to spare (docs/event-log.md).
+CONTEXT_ALLOWANCE = 2048
+# Bytes written per decompressed body byte, at most: raw U+0085 grows 3 times, "1e15," 3.8.
+GROWTH = 4
+
+
+def most_written(max_body_bytes: int, max_events: int) -> int:
+    """The most one request can make the service write, for a body and a batch at their limits."""
+    return GROWTH * max_body_bytes + CONTEXT_ALLOWANCE * max_events
+
+
 # Lines that log tools split on besides "\n" (Python's splitlines, JavaScript):
 # orjson writes these characters raw, so they are escaped to keep a line a line.
 # Escaping is what makes a line longer than the JSON it came from (U+0085 is 2 bytes raw, 6 escaped).

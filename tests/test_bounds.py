@@ -13,13 +13,10 @@ import orjson
 import pytest
 from flask.testing import FlaskClient
 
+from analytics.lines import CONTEXT_ALLOWANCE, GROWTH
 from app import create_app
 from config import Config
 
-# What a line may hold besides its event's own JSON (docs/event-log.md).
-CONTEXT_ALLOWANCE = 2048
-# Log bytes a request may write: this many per decompressed body byte, plus the allowance per event.
-BYTES_PER_BODY_BYTE = 4
 MAX_BODY = Config.MAX_BODY_BYTES
 LONGEST_REQUEST_ID = "r" * 128
 LONGEST_ADDRESS = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
@@ -114,7 +111,7 @@ def test_log_bytes_per_body_byte(capfd, name):
     assert (response.status_code, response.json) == (200, {"success": True, "received": count})
     lines = written_lines(capfd)
     assert len(lines) == count
-    assert sum(len(line) + 1 for line in lines) <= BYTES_PER_BODY_BYTE * len(body) + CONTEXT_ALLOWANCE * count
+    assert sum(len(line) + 1 for line in lines) <= GROWTH * len(body) + CONTEXT_ALLOWANCE * count
 
 
 def realistic_event(number: int) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from typing import Any
 import orjson
 import pytest
 
+from analytics.lines import most_written
+from config import Config
 from tests.harness.clients import SlowUpload, send
 from tests.harness.gunicorn import GUNICORN, ROOT, Server, free_port
 from tests.harness.lines import parse_lines, strict_json
@@ -310,7 +312,8 @@ DISK_BYTES = 8 * 1024 * 1024
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # What the filler leaves free: less than the batch that is to fail, so that part of it is written.
 ROOM = 2 * PAGE
-MAX_BODY_BYTES = 1024 * 1024
+# The room the stdout sink needs to be ready: the most one request can make it write.
+MIN_FREE = most_written(Config.MAX_BODY_BYTES, Config.MAX_EVENTS)
 
 
 class DiskServer:
@@ -410,7 +413,7 @@ def test_full_disk_fails_the_batch_and_takes_back_what_it_wrote(start_on_tmpfs, 
 
     fill_disk(server.disk / "filler", leave=ROOM)
     assert get(server.port, "/readyz") == not_ready(
-        f"{ROOM} bytes free on the filesystem of stdout, fewer than {3 * MAX_BODY_BYTES}"
+        f"{ROOM} bytes free on the filesystem of stdout, fewer than {MIN_FREE}"
     )
     big = [{"type": "big", "id": f"big-{n}", "payload": {"blob": "b" * ROOM}} for n in range(3)]
     assert send(server.port, orjson.dumps({"events": big}))[::2] == FAILED
