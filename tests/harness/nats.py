@@ -19,13 +19,17 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import nats
 import pytest
 from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig, StreamInfo
 from nats.js.errors import NotFoundError
 
 from tests.harness.gunicorn import free_port
@@ -254,3 +258,69 @@ def running_cluster(root: Path) -> Iterator[Cluster]:
         yield cluster.start()
     finally:
         cluster.stop()
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message as a stream holds it."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+
+
+def stream_info(urls: Sequence[str], stream: str, timeout: float = 30) -> StreamInfo:
+    """The stream's configuration and state, as the server reports them."""
+
+    async def probe(js):
+        return await js.stream_info(stream)
+
+    return _poll(urls, probe, timeout, f"no information on stream {stream}")
+
+
+def read_stream(urls: Sequence[str], stream: str, timeout: float = 30) -> list[Message]:
+    """Every message the stream holds, in order, read by a new durable consumer that acknowledges each."""
+
+    async def read() -> list[Message]:
+        nc = await _connect(urls)
+        try:
+            js = nc.jetstream(timeout=5)
+            total = (await js.stream_info(stream)).state.messages
+            durable = f"test-reader-{uuid.uuid4().hex[:12]}"
+            config = ConsumerConfig(
+                durable_name=durable, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL
+            )
+            await js.add_consumer(stream, config)
+            subscription = await js.pull_subscribe_bind(durable, stream)
+            messages: list[Message] = []
+            while len(messages) < total:
+                try:
+                    fetched = await subscription.fetch(min(256, total - len(messages)), timeout=1)
+                except NatsTimeoutError:
+                    continue
+                for message in fetched:
+                    messages.append(Message(message.subject, message.data, dict(message.headers or {})))
+                    await message.ack_sync()
+            await js.delete_consumer(stream, durable)
+            return messages
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(asyncio.wait_for(read(), timeout))
+    except TimeoutError:
+        raise AssertionError(f"stream {stream} was not read within {timeout} s") from None
+
+
+def put_stream(urls: Sequence[str], stream: str, subjects: Sequence[str], replicas: int = 1) -> None:
+    """Create ``stream`` with these subjects, or change the subjects of the one that exists."""
+
+    async def put(js):
+        config = StreamConfig(name=stream, subjects=list(subjects), num_replicas=replicas)
+        try:
+            await js.update_stream(config)
+        except NotFoundError:
+            await js.add_stream(config)
+        return True
+
+    _poll(urls, put, 30, f"stream {stream} could not be put")

@@ -1,0 +1,335 @@
+"""The NATS JetStream sink: each accepted event one message on a stream, a batch taken only once all are stored.
+
+Each event is one message on ``NATS_SUBJECT``; its body is the event's line as
+the stdout sink writes it (without the newline), and its ``id``, when it has
+one, travels as the ``Nats-Msg-Id`` header, so that JetStream drops a retried
+copy within the stream's duplicate window. ``write`` returns only once every
+message of the batch has its JetStream publish acknowledgement (on a replicated
+stream: stored by a quorum), and raises ``SinkUnavailableError`` otherwise,
+which the ingestor answers with a 503 and Retry-After: the client retries the
+whole batch, and the ids make that safe.
+
+How it runs. nats-py is asyncio and gunicorn's workers are sync, so each worker
+process has one event loop in a thread of its own, holding one connection; a
+request thread hands it a batch with ``run_coroutine_threadsafe`` and waits for
+the outcome (a few tens of microseconds of hand-over against a network round
+trip). The loop is started per process, keyed by its pid, never in the
+gunicorn master (which builds the app once to check settings and then forks:
+a thread or a connection made there would not survive the fork), by gunicorn's
+``post_worker_init`` hook as soon as a worker has loaded the app, or else by the
+first ``write`` or ``unready_reason`` (any other server). Starting only starts
+the thread: connecting happens in the background and is retried for ever, so a
+worker boots whether or not the engine is up (gunicorn stops the whole server
+when a worker fails to boot), answers 503 until connected, and /readyz says so.
+
+On connecting (and again after every reconnection, since the servers may have
+been replaced) the stream is looked up: an existing one is used as it is, but
+only if its subjects cover ``NATS_SUBJECT`` (else no event is taken, and stderr
+and /readyz say why, re-checked every few seconds); a missing one is created at
+once with file storage, ``NATS_REPLICAS`` replicas and the duplicate window.
+
+A batch is published pipelined: every message goes out (nats-py coalesces them
+into a few socket writes), then the acknowledgements are awaited together,
+bounded by ``NATS_ACK_TIMEOUT`` from the start. Each message asks for the
+stream by name (``Nats-Expected-Stream``), so none is acknowledged by another.
+
+Why not JetStream's atomic batch publish (server 2.12+, ADR-50: up to 1000
+messages staged and committed all or none). It would make a batch's events
+appear together, but (1) it rejects a whole batch when any of its
+``Nats-Msg-Id`` is a duplicate ("atomic publish batch contains duplicate
+message id"), and our retry model is exactly a batch resent with ids of which
+some, or all, may be stored already: a client whose 200 was lost could never
+get one again; (2) it needs ``allow_atomic`` on the stream, while an existing
+stream is used as it is; (3) nats-py 2.16 has no API to publish one. Per-message
+publishes with ids are idempotent per event, which is the guarantee a retried
+batch needs; a batch answered 503 may be stored in part, and its retry completes it.
+"""
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import quote
+
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.errors import Error as NatsError
+from nats.js.api import StorageType, StreamConfig
+from nats.js.client import JetStreamContext
+from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
+
+from analytics.eventlog import Batch
+
+log = structlog.get_logger()
+
+# Between two tries of a server that did not answer: a returning engine is used within this.
+RECONNECT_WAIT = 0.5
+# How long one try to connect may take.
+CONNECT_TIMEOUT = 2
+# Pings on an idle connection, and unanswered ones before it counts as lost: a server that
+# vanished without closing the connection (a partition) is noticed within about 20 s.
+PING_INTERVAL = 10
+MAX_OUTSTANDING_PINGS = 2
+# Between two checks of a stream that could not be used (missing subject, no quorum to create it).
+STREAM_RECHECK = 2.0
+# Beyond NATS_ACK_TIMEOUT, for the hand-over between threads; the loop bounds the publish itself.
+HANDOVER_SLACK = 1.0
+# Closing a worker's connection (flushing what is buffered) at exit.
+CLOSE_TIMEOUT = 5.0
+# Characters an id keeps as they are in Nats-Msg-Id: printable ASCII but space and "%". nats-py
+# strips a value and turns CR and LF into spaces, so other ids are percent-encoded (UTF-8) rather
+# than merged: "%" always encoded keeps the mapping one to one.
+ID_SAFE = "".join(chr(code) for code in range(0x21, 0x7F) if chr(code) != "%")
+
+
+class SinkUnavailableError(Exception):
+    """A sink cannot take the batch now, and may later: the client should retry it (a 503 with Retry-After)."""
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether the stream subject ``pattern`` (with NATS wildcards: "*" one token, ">" the rest) covers ``subject``."""
+    tokens = subject.split(".")
+    for index, part in enumerate(pattern.split(".")):
+        if part == ">":
+            return index < len(tokens)
+        if index >= len(tokens) or part not in ("*", tokens[index]):
+            return False
+    return len(pattern.split(".")) == len(tokens)
+
+
+def message_id(event: Mapping[str, Any]) -> str | None:
+    """The event's ``id`` as its Nats-Msg-Id: as it is unless it holds a space, "%" or a non-printable or
+    non-ASCII character, then percent-encoded; None for an event without one."""
+    event_id = event.get("id")
+    return quote(event_id, safe=ID_SAFE) if event_id else None
+
+
+class JetStreamSink:
+    """Event lines as messages on a JetStream stream; ``write`` returns once every one is acknowledged."""
+
+    name = "nats"
+
+    def __init__(
+        self,
+        servers: Sequence[str],
+        stream: str,
+        subject: str,
+        replicas: int,
+        duplicate_window: float,
+        ack_timeout: float,
+    ) -> None:
+        self.servers = list(servers)
+        self.stream = stream
+        self.subject = subject
+        self.replicas = replicas
+        self.duplicate_window = duplicate_window
+        self.ack_timeout = ack_timeout
+        self._start_lock = threading.Lock()
+        self._pid: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: concurrent.futures.Future | None = None
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        # Why the stream cannot take events (not yet checked, or unusable), None once it can.
+        self._stream_problem: str | None = "stream not checked yet"
+        # Set (in the loop) when the stream must be looked at again: a reconnection, a publish nobody answered.
+        self._recheck: asyncio.Event | None = None
+        # The last connection error logged, so that a long outage is one line on stderr, not one per retry.
+        self._last_error: str | None = None
+        self._closing = False
+        self._log = log
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "JetStreamSink":
+        """The sink the NATS_* settings describe."""
+        return cls(
+            servers=config["NATS_SERVERS"],
+            stream=config["NATS_STREAM"],
+            subject=config["NATS_SUBJECT"],
+            replicas=config["NATS_REPLICAS"],
+            duplicate_window=config["NATS_DUPLICATE_WINDOW"],
+            ack_timeout=config["NATS_ACK_TIMEOUT"],
+        )
+
+    # In the caller's thread.
+
+    def start(self) -> None:
+        """Start connecting, in the background, in this process; once per process (a forked child starts its own)."""
+        with self._start_lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self._log = log.bind(worker=self._pid)
+            self._nc = None
+            self._js = None
+            self._closing = False
+            self._stream_problem = "stream not checked yet"
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self._loop.run_forever, name="nats-sink", daemon=True)
+            self._thread.start()
+            self._runner = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
+            self._runner.add_done_callback(_log_stop)
+
+    def unready_reason(self) -> str | None:
+        self.start()
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            state = "connecting" if nc is None or self._js is None else "reconnecting"
+            return f"NATS not connected ({state} to {', '.join(self.servers)})"
+        return self._stream_problem
+
+    def write(self, batch: Batch) -> None:
+        reason = self.unready_reason()
+        if reason:
+            raise SinkUnavailableError(reason)
+        assert self._loop
+        outcome = asyncio.run_coroutine_threadsafe(self._publish(batch), self._loop)
+        try:
+            outcome.result(self.ack_timeout + HANDOVER_SLACK)
+        except concurrent.futures.TimeoutError:
+            outcome.cancel()
+            raise SinkUnavailableError(f"no outcome from the NATS sink within {self.ack_timeout} s") from None
+
+    def close(self) -> None:
+        """Close this process's connection, sending what it holds, and stop its loop; bounded by CLOSE_TIMEOUT."""
+        with self._start_lock:
+            if self._pid != os.getpid() or not self._loop or not self._thread:
+                return
+            loop, thread = self._loop, self._thread
+            self._pid = self._loop = self._thread = None
+        try:
+            asyncio.run_coroutine_threadsafe(self._close(), loop).result(CLOSE_TIMEOUT)
+        except (concurrent.futures.TimeoutError, NatsError, OSError) as error:
+            self._log.warning("nats_close_failed", error=repr(error))
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(CLOSE_TIMEOUT)
+
+    # In the loop's thread.
+
+    async def _run(self) -> None:
+        """Connect (retried for ever), then keep the stream checked: at once, after every reconnection, and
+        every STREAM_RECHECK seconds while it cannot be used."""
+        self._recheck = asyncio.Event()
+        nc = NatsClient()
+        self._nc = nc
+        await nc.connect(
+            self.servers,
+            name=f"analytics-{os.getpid()}",
+            connect_timeout=CONNECT_TIMEOUT,
+            reconnect_time_wait=RECONNECT_WAIT,
+            max_reconnect_attempts=-1,
+            ping_interval=PING_INTERVAL,
+            max_outstanding_pings=MAX_OUTSTANDING_PINGS,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
+        self._js = nc.jetstream(timeout=self.ack_timeout)
+        self._last_error = None
+        self._log.info("nats_connected", server=_url(nc))
+        while True:
+            self._recheck.clear()
+            problem = await self._check_stream()
+            if problem != self._stream_problem and problem:
+                self._log.error("nats_stream_unusable", stream=self.stream, subject=self.subject, reason=problem)
+            self._stream_problem = problem
+            try:
+                await asyncio.wait_for(self._recheck.wait(), STREAM_RECHECK if problem else None)
+            except TimeoutError:
+                pass
+
+    async def _check_stream(self) -> str | None:
+        """Find or create the stream; why it cannot take events, or None when it can."""
+        assert self._js
+        try:
+            try:
+                info = await self._js.stream_info(self.stream)
+            except NotFoundError:
+                config = StreamConfig(
+                    name=self.stream,
+                    subjects=[self.subject],
+                    storage=StorageType.FILE,
+                    num_replicas=self.replicas,
+                    duplicate_window=self.duplicate_window,
+                )
+                try:
+                    info = await self._js.add_stream(config)
+                    self._log.info(
+                        "nats_stream_created", stream=self.stream, subject=self.subject, replicas=self.replicas
+                    )
+                except BadRequestError:
+                    # Another worker created it first, maybe otherwise: used as it is, like any existing one.
+                    info = await self._js.stream_info(self.stream)
+        except (NatsError, OSError, TimeoutError) as error:
+            return f"stream {self.stream} could not be looked up or created: {error!r}"
+        subjects = info.config.subjects or []
+        if not any(subject_matches(pattern, self.subject) for pattern in subjects):
+            return f"stream {self.stream} does not take subject {self.subject} (its subjects: {', '.join(subjects)})"
+        return None
+
+    async def _publish(self, batch: Batch) -> None:
+        """Send every event of the batch, then wait for all acknowledgements, within ack_timeout of the start."""
+        assert self._js
+        deadline = asyncio.get_running_loop().time() + self.ack_timeout
+        acks: list[asyncio.Future] = []
+        try:
+            for event, line in zip(batch.events, batch.lines, strict=True):
+                event_id = message_id(event)
+                headers = {"Nats-Msg-Id": event_id} if event_id else None
+                acks.append(await self._js.publish_async(self.subject, line, headers=headers, stream=self.stream))
+            done, pending = await asyncio.wait(acks, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+        except (NatsError, OSError) as error:
+            for ack in acks:
+                ack.cancel()
+            raise SinkUnavailableError(f"publishing to NATS failed: {error!r}") from None
+        for ack in pending:
+            # Also frees its place among nats-py's pending publishes.
+            ack.cancel()
+        if pending:
+            raise SinkUnavailableError(
+                f"{len(pending)} of {len(acks)} JetStream acknowledgements did not arrive within {self.ack_timeout} s"
+            )
+        failures = [ack.exception() for ack in done if ack.exception()]
+        if failures:
+            if any(isinstance(failure, NoStreamResponseError) for failure in failures) and self._recheck:
+                # Nothing took the subject: the stream may be gone; look (and create it) again.
+                self._recheck.set()
+            raise SinkUnavailableError(f"JetStream refused {len(failures)} of {len(acks)} events: {failures[0]!r}")
+
+    async def _close(self) -> None:
+        """Stop checking the stream and close the connection."""
+        self._closing = True
+        if self._runner:
+            self._runner.cancel()
+        if self._nc and not self._nc.is_closed:
+            await self._nc.close()
+
+    async def _on_error(self, error: Exception) -> None:
+        if repr(error) != self._last_error:
+            self._last_error = repr(error)
+            self._log.warning("nats_error", error=repr(error), servers=self.servers)
+
+    async def _on_disconnected(self) -> None:
+        if self._js and not self._closing:
+            self._log.warning("nats_disconnected", servers=self.servers)
+
+    async def _on_reconnected(self) -> None:
+        self._last_error = None
+        self._log.info("nats_reconnected", server=_url(self._nc))
+        if self._recheck:
+            self._recheck.set()
+
+
+def _log_stop(runner: concurrent.futures.Future) -> None:
+    """Say on stderr why the sink stopped connecting, were it ever to stop other than by ``close``."""
+    if not runner.cancelled() and runner.exception():
+        log.error("nats_sink_stopped", error=repr(runner.exception()))
+
+
+def _url(nc: NatsClient | None) -> str | None:
+    """The server a client is connected to, for the log."""
+    url = nc.connected_url if nc else None
+    return url.geturl() if url else None
