@@ -141,6 +141,8 @@ class JetStreamSink:
         self._last_error: str | None = None
         self._closing = False
         self._log = log
+        # Set once the first try to connect has failed, or has succeeded and the stream has been checked.
+        self._first_try = threading.Event()
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "JetStreamSink":
@@ -166,6 +168,7 @@ class JetStreamSink:
             self._nc = None
             self._js = None
             self._closing = False
+            self._first_try = threading.Event()
             self._stream_problem = "stream not checked yet"
             self._loop = asyncio.new_event_loop()
             self._thread = threading.Thread(target=self._loop.run_forever, name="nats-sink", daemon=True)
@@ -175,6 +178,9 @@ class JetStreamSink:
 
     def unready_reason(self) -> str | None:
         self.start()
+        # A worker just started would otherwise turn its first requests away while connecting, which takes
+        # milliseconds; the wait is bounded, and over as soon as a try fails (a refused connection at once).
+        self._first_try.wait(CONNECT_TIMEOUT + self.ack_timeout)
         nc = self._nc
         if nc is None or not nc.is_connected:
             state = "connecting" if nc is None or self._js is None else "reconnecting"
@@ -236,6 +242,7 @@ class JetStreamSink:
             if problem != self._stream_problem and problem:
                 self._log.error("nats_stream_unusable", stream=self.stream, subject=self.subject, reason=problem)
             self._stream_problem = problem
+            self._first_try.set()
             try:
                 await asyncio.wait_for(self._recheck.wait(), STREAM_RECHECK if problem else None)
             except TimeoutError:
@@ -308,6 +315,7 @@ class JetStreamSink:
             await self._nc.close()
 
     async def _on_error(self, error: Exception) -> None:
+        self._first_try.set()
         if repr(error) != self._last_error:
             self._last_error = repr(error)
             self._log.warning("nats_error", error=repr(error), servers=self.servers)
