@@ -73,7 +73,7 @@ CONNECT_TIMEOUT = 2
 PING_INTERVAL = 10
 MAX_OUTSTANDING_PINGS = 2
 # Between two checks of a stream that could not be used (missing subject, no quorum to create it).
-STREAM_RECHECK = 2.0
+STREAM_RECHECK = 1.0
 # Beyond NATS_ACK_TIMEOUT, for the hand-over between threads; the loop bounds the publish itself.
 HANDOVER_SLACK = 1.0
 # Closing a worker's connection (flushing what is buffered) at exit.
@@ -137,8 +137,9 @@ class JetStreamSink:
         self._stream_problem: str | None = "stream not checked yet"
         # Set (in the loop) when the stream must be looked at again: a reconnection, a publish nobody answered.
         self._recheck: asyncio.Event | None = None
-        # The last connection error logged, so that a long outage is one line on stderr, not one per retry.
-        self._last_error: str | None = None
+        # The connection errors logged since the last connection, so that a long outage is a line on stderr
+        # per server and error, not one per try.
+        self._logged_errors: set[str] = set()
         self._closing = False
         self._log = log
         # Set once the first try to connect has failed, or has succeeded and the stream has been checked.
@@ -234,7 +235,7 @@ class JetStreamSink:
             reconnected_cb=self._on_reconnected,
         )
         self._js = nc.jetstream(timeout=self.ack_timeout)
-        self._last_error = None
+        self._logged_errors.clear()
         self._log.info("nats_connected", server=_url(nc))
         while True:
             self._recheck.clear()
@@ -316,8 +317,8 @@ class JetStreamSink:
 
     async def _on_error(self, error: Exception) -> None:
         self._first_try.set()
-        if repr(error) != self._last_error:
-            self._last_error = repr(error)
+        if repr(error) not in self._logged_errors:
+            self._logged_errors.add(repr(error))
             self._log.warning("nats_error", error=repr(error), servers=self.servers)
 
     async def _on_disconnected(self) -> None:
@@ -325,7 +326,7 @@ class JetStreamSink:
             self._log.warning("nats_disconnected", servers=self.servers)
 
     async def _on_reconnected(self) -> None:
-        self._last_error = None
+        self._logged_errors.clear()
         self._log.info("nats_reconnected", server=_url(self._nc))
         if self._recheck:
             self._recheck.set()

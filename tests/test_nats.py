@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from analytics.jetstream import message_id, subject_matches
+from app import create_app
 from tests.harness.clients import send
 from tests.harness.gunicorn import GUNICORN, ROOT, Server, free_port
 from tests.harness.lines import strict_json
@@ -112,6 +113,21 @@ def test_message_ids_are_ids_as_they_are_or_encoded_one_to_one():
     encoded = [message_id({"id": event_id}) for event_id in tricky]
     assert len(set(encoded)) == len(tricky)
     assert all(value.isascii() and value.isprintable() and " " not in value for value in encoded)
+
+
+def test_building_the_app_starts_nothing_until_first_use(nats_server):
+    """create_app (which gunicorn's master runs before forking) starts no thread and no connection; the first use
+    in a process starts one thread, which waits for its first try to connect; close ends it."""
+    before = set(threading.enumerate())
+    app = create_app({"TESTING": True, "SINKS": ["nats"], "NATS_SERVERS": [nats_server.url]})
+    assert set(threading.enumerate()) == before
+    sink = app.extensions["jetstream"]
+    try:
+        assert sink.unready_reason() is None
+        assert [thread.name for thread in set(threading.enumerate()) - before] == ["nats-sink"]
+    finally:
+        sink.close()
+    assert set(threading.enumerate()) == before
 
 
 def test_stdout_and_nats_sinks_agree_byte_for_byte(start_server, nats_server):
