@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
 import time
@@ -74,8 +75,12 @@ class NatsServer:
         port: int | None = None,
         cluster_port: int | None = None,
         routes: Sequence[int] = (),
+        template: Path | None = None,
     ) -> None:
         self.binary = require_binary()
+        # A configuration file with ${CLIENT_PORT}, ${STORE_DIR} and ${ROUTE_PORT_1..n} to fill in, instead of
+        # the one _config writes: the cluster of deploy/nats-cluster/ runs as the repository has it.
+        self.template = template
         self.name = name
         self.port = port or free_port()
         self.cluster_port = cluster_port
@@ -98,6 +103,10 @@ class NatsServer:
 
     def _config(self) -> str:
         """The server's configuration file: loopback only, JetStream in ``store``, the cluster's routes if any."""
+        if self.template:
+            ports = {f"ROUTE_PORT_{index}": str(port) for index, port in enumerate(self.routes, 1)}
+            text = string.Template(self.template.read_text())
+            return text.substitute(CLIENT_PORT=str(self.port), STORE_DIR=str(self.store), **ports)
         lines = [
             f"server_name: {self.name}",
             f"listen: 127.0.0.1:{self.port}",
@@ -151,10 +160,17 @@ class NatsServer:
 class Cluster:
     """Three JetStream nodes, n1 to n3, routed to each other on loopback."""
 
-    def __init__(self, root: Path, size: int = 3) -> None:
+    def __init__(self, root: Path, size: int = 3, templates: Path | None = None) -> None:
+        """``templates``: a directory of n1.conf, n2.conf... (see NatsServer's ``template``)."""
         cluster_ports = [free_port() for _ in range(size)]
         self.nodes = [
-            NatsServer(root, name=f"n{index + 1}", cluster_port=port, routes=cluster_ports)
+            NatsServer(
+                root,
+                name=f"n{index + 1}",
+                cluster_port=port,
+                routes=cluster_ports,
+                template=templates / f"n{index + 1}.conf" if templates else None,
+            )
             for index, port in enumerate(cluster_ports)
         ]
 
@@ -251,9 +267,9 @@ def running_server(root: Path) -> Iterator[NatsServer]:
 
 
 @contextmanager
-def running_cluster(root: Path) -> Iterator[Cluster]:
+def running_cluster(root: Path, templates: Path | None = None) -> Iterator[Cluster]:
     """A started three-node cluster with its meta leader elected, every node stopped on leaving."""
-    cluster = Cluster(root)
+    cluster = Cluster(root, templates=templates)
     try:
         yield cluster.start()
     finally:
