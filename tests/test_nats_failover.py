@@ -204,3 +204,11 @@ def test_leader_killed_and_restarted_then_sigterm_under_load(start_server, tmp_p
     }
     record_property("failover", report)
     print(f"failover: {report}")
+
+
+def test_the_docs_show_the_cluster_configuration_this_test_runs():
+    """docs/nats.md shows n1.conf as it is, without its comments, so the page cannot drift from the tested file."""
+    page = (ROOT / "docs" / "nats.md").read_text()
+    shown = page.split("n1.conf, with the placeholders:\n\n```\n", 1)[1].split("```", 1)[0]
+    lines = (TEMPLATES / "n1.conf").read_text().splitlines(keepends=True)
+    assert shown == "".join(line for line in lines if not line.lstrip().startswith("#"))
