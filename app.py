@@ -10,8 +10,9 @@ from flask import Flask, Response, g, request
 from analytics import api, client, openapi
 from analytics.cors import register_cors
 from analytics.errors import register_error_handlers
-from analytics.eventlog import EventLog, StdoutSink
+from analytics.eventlog import EventLog, Sink, StdoutSink
 from analytics.ingest import Ingestor
+from analytics.jetstream import JetStreamSink
 from analytics.jsonprovider import OrjsonProvider
 from analytics.lines import most_written
 from analytics.logs import configure_logging
@@ -33,7 +34,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     register_request_ids(app)
     register_cors(app, app.config["CORS_ORIGINS"])
     # Refused at start, not answered with a 500 on every batch while /healthz says ok.
-    check_writable(STDOUT)
+    if "stdout" in app.config["SINKS"]:
+        check_writable(STDOUT)
     register_extensions(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(client.bp)
@@ -73,10 +75,22 @@ def register_request_ids(app: Flask) -> None:
 
 
 def register_extensions(app: Flask, stdout: int = STDOUT) -> None:
-    """The event log and the ingestor, built once from the settings; ``stdout`` is the descriptor written to."""
-    writer = LockedWriter(stdout, timeout=app.config["LOG_WRITE_TIMEOUT"])
-    # Room for the most one request can make the service write, or not ready.
-    min_free = most_written(app.config["MAX_BODY_BYTES"], app.config["MAX_EVENTS"])
-    event_log = EventLog([StdoutSink(writer, min_free=min_free)])
+    """The event log with the sinks SINKS names, and the ingestor, built once from the settings; ``stdout`` is the
+    descriptor the stdout sink writes to."""
+    sinks: list[Sink] = []
+    # JetStream first and stdout last, whatever the order in SINKS: JetStream drops a retried event by its id
+    # and stdout does not, so a batch whose stdout write failed (a 500) is retried without adding to the stream,
+    # while the other order would write a batch's lines to stdout again after every JetStream failure (a 503).
+    if "nats" in app.config["SINKS"]:
+        # Only built here: this may be gunicorn's master, which forks the workers afterwards. Each worker
+        # starts its own connection (gunicorn.conf.py's post_worker_init, else the first use).
+        app.extensions["jetstream"] = jetstream = JetStreamSink.from_config(app.config)
+        sinks.append(jetstream)
+    if "stdout" in app.config["SINKS"]:
+        writer = LockedWriter(stdout, timeout=app.config["LOG_WRITE_TIMEOUT"])
+        # Room for the most one request can make the service write, or not ready.
+        min_free = most_written(app.config["MAX_BODY_BYTES"], app.config["MAX_EVENTS"])
+        sinks.append(StdoutSink(writer, min_free=min_free))
+    event_log = EventLog(sinks)
     app.extensions["event_log"] = event_log
     app.extensions["ingestor"] = Ingestor(app.config, event_log)

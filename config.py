@@ -12,6 +12,13 @@ from collections.abc import Iterable
 PREFIX = "ANALYTICS_"
 # What a browser puts in Origin: scheme, host and port only; "https://shop.example/" never matches one.
 ORIGIN_PATTERN = re.compile(r"https?://[^/\s]+")
+# A NATS server URL: nats://[user[:password]@]host:port, the host a name, an IPv4 or a bracketed IPv6 address.
+NATS_URL_PATTERN = re.compile(r"nats://(?:[^\s/@]+@)?(?:\[[0-9A-Fa-f:.]+\]|[^\s/:@\[\]]+):\d{1,5}")
+# A JetStream stream name: no spaces, dots, wildcards or path separators.
+STREAM_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,255}")
+# A literal NATS subject (events go to one subject, so no wildcard): tokens separated by dots.
+SUBJECT_PATTERN = re.compile(r"[^\s.*>]+(?:\.[^\s.*>]+)*")
+SINK_NAMES = ("stdout", "nats")
 
 
 class SettingsError(ValueError):
@@ -66,6 +73,21 @@ class Config:
     LOG_WRITE_TIMEOUT = 5.0
     # Put the client's address on each event line.
     LOG_CLIENT_IP = True
+    # Where accepted events go: "stdout" (one line each), "nats" (a JetStream stream), or both.
+    # A batch is answered 200 once every sink has taken it; with both, NATS is written first.
+    SINKS = ["stdout"]
+    # The NATS servers the nats sink connects to: any of a cluster's nodes will do.
+    NATS_SERVERS = ["nats://127.0.0.1:4222"]
+    # The JetStream stream events are stored in; created if missing, else used as it is.
+    NATS_STREAM = "ANALYTICS"
+    # The subject each event is published on; the stream's subjects must cover it.
+    NATS_SUBJECT = "analytics.events"
+    # Replicas of a stream the service creates (1 to 5; 3 on a three-node cluster).
+    NATS_REPLICAS = 1
+    # Seconds a created stream remembers event ids, so a retried batch adds no copy.
+    NATS_DUPLICATE_WINDOW = 120.0
+    # Seconds to wait for a batch's JetStream acknowledgements before answering 503.
+    NATS_ACK_TIMEOUT = 2.0
 
 
 def check_settings(settings: dict) -> None:
@@ -79,14 +101,14 @@ def check_settings(settings: dict) -> None:
         value = settings[name]
         if type(value) is not int or value < 1:
             raise SettingsError(f"{name} must be a positive integer, not {value!r}")
-    for name in ("LOG_WRITE_TIMEOUT", "BODY_READ_TIMEOUT"):
+    for name in ("LOG_WRITE_TIMEOUT", "BODY_READ_TIMEOUT", "NATS_DUPLICATE_WINDOW", "NATS_ACK_TIMEOUT"):
         value = settings[name]
         if type(value) not in (int, float) or value <= 0:
             raise SettingsError(f"{name} must be a positive number of seconds, not {value!r}")
     for name in ("LOG_CLIENT_IP", "REDACT_PAYLOADS"):
         if type(settings[name]) is not bool:
             raise SettingsError(f"{name} must be true or false, not {settings[name]!r}")
-    for name in ("REDACT_KEYS", "REDACT_KEYS_EXTRA", "TRUSTED_PROXIES", "CORS_ORIGINS"):
+    for name in ("REDACT_KEYS", "REDACT_KEYS_EXTRA", "TRUSTED_PROXIES", "CORS_ORIGINS", "SINKS", "NATS_SERVERS"):
         value = settings[name]
         if name == "CORS_ORIGINS" and value == "*":
             continue
@@ -112,6 +134,30 @@ def check_settings(settings: dict) -> None:
                 raise SettingsError(
                     f"CORS_ORIGINS: {origin!r} is not an origin (scheme://host[:port], no path, no trailing slash)"
                 )
+    check_nats_settings(settings)
+
+
+def check_nats_settings(settings: dict) -> None:
+    """SINKS and the NATS_* settings (their types already checked): checked whatever SINKS holds."""
+    sinks = settings["SINKS"]
+    unknown = [sink for sink in sinks if sink not in SINK_NAMES]
+    if not sinks or unknown or len(set(sinks)) != len(sinks):
+        raise SettingsError(f"SINKS must be one or both of {', '.join(SINK_NAMES)}, each once, not {sinks!r}")
+    if not settings["NATS_SERVERS"]:
+        raise SettingsError("NATS_SERVERS must name at least one server (nats://host:port)")
+    for url in settings["NATS_SERVERS"]:
+        if not NATS_URL_PATTERN.fullmatch(url):
+            raise SettingsError(f"NATS_SERVERS: {url!r} is not a NATS server URL (nats://host:port)")
+    for name, pattern, what in (
+        ("NATS_STREAM", STREAM_NAME_PATTERN, "a stream name (letters, digits, - and _)"),
+        ("NATS_SUBJECT", SUBJECT_PATTERN, "a subject (dot-separated tokens, no wildcard or space)"),
+    ):
+        value = settings[name]
+        if not isinstance(value, str) or not pattern.fullmatch(value):
+            raise SettingsError(f"{name} must be {what}, not {value!r}")
+    replicas = settings["NATS_REPLICAS"]
+    if type(replicas) is not int or not 1 <= replicas <= 5:
+        raise SettingsError(f"NATS_REPLICAS must be an integer from 1 to 5 (JetStream's most), not {replicas!r}")
 
 
 def unknown_variables(environ: Iterable[str]) -> list[str]:

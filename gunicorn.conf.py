@@ -2,6 +2,7 @@
 
 import os
 import sys
+from typing import Any
 
 from analytics.logs import gunicorn_logconfig
 from analytics.stdout import StdoutNotWritableError
@@ -26,6 +27,25 @@ logconfig_dict = gunicorn_logconfig()
 logger_class = "analytics.logs.GunicornLogger"
 # gunicorn's control socket is not used here, and one per host clashes between instances.
 control_socket_disable = True
+
+
+def post_worker_init(worker: Any) -> None:
+    """Start this worker's connection to NATS (SINKS with nats) as soon as it has loaded the app.
+
+    Here, after the fork, never in the master; and in the background: the boot
+    does not wait for the engine, and the first request finds it connected.
+    """
+    jetstream = worker.wsgi.extensions.get("jetstream")
+    if jetstream:
+        jetstream.start()
+
+
+def worker_exit(server: object, worker: Any) -> None:
+    """Close the worker's NATS connection cleanly (its last batch was answered, so acknowledged, already)."""
+    app = getattr(worker, "wsgi", None)  # absent if the worker failed before loading the app
+    jetstream = app.extensions.get("jetstream") if app else None
+    if jetstream:
+        jetstream.close()
 
 
 def on_starting(server: object) -> None:

@@ -1,5 +1,6 @@
 """Every error response, built in one place so that all share one JSON shape."""
 
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -14,10 +15,12 @@ log = structlog.get_logger()
 class ApiError(Exception):
     """A request the service answers with an error: raised anywhere, rendered by one handler."""
 
-    def __init__(self, status: int, message: str, **extra: Any) -> None:
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        # Headers the answer carries besides the body's fields, such as a 503's Retry-After.
+        self.headers = dict(headers or {})
         self.extra = extra
 
 
@@ -30,7 +33,9 @@ def error_response(status: int, message: str, **extra: Any) -> Response:
 
 def _handle_api_error(error: ApiError) -> Response:
     """A refusal the service decided on, anywhere below the view."""
-    return error_response(error.status, error.message, **error.extra)
+    response = error_response(error.status, error.message, **error.extra)
+    response.headers.update(error.headers)
+    return response
 
 
 def _handle_http_exception(error: HTTPException) -> Response:

@@ -28,6 +28,10 @@ class Batch:
     lines: Sequence[bytes]
 
 
+class SinkUnavailableError(Exception):
+    """A sink cannot take the batch now, and may later: the client should retry it (a 503 with Retry-After)."""
+
+
 class Sink(Protocol):
     """Where event lines go. ``write`` returns only once the sink holds every line, and raises otherwise."""
 

@@ -12,7 +12,7 @@ from marshmallow import ValidationError
 
 from analytics import messages
 from analytics.errors import ApiError
-from analytics.eventlog import EventLog, event_logger
+from analytics.eventlog import EventLog, SinkUnavailableError, event_logger
 from analytics.fastload import compile_loader
 from analytics.peers import Sender
 from analytics.redact import redactor_from_settings
@@ -20,6 +20,9 @@ from analytics.schemas import MAX_ID_LENGTH, BatchSchema, EventSchema
 from analytics.stdout import LogWriteError
 
 log = structlog.get_logger()
+
+# Seconds a client is asked to wait before retrying a batch the event store could not take; as nginx's own 503.
+RETRY_AFTER = 5
 
 BATCH_SCHEMA = BatchSchema()
 FAST_LOAD_BATCH = compile_loader(BATCH_SCHEMA)
@@ -143,7 +146,8 @@ class Ingestor:
         return accepted, rejected
 
     def write(self, events: list[dict[str, Any]], context: dict[str, Any]) -> None:
-        """Redact and write the events, one line each with ``context``; a 500 if the log fails."""
+        """Redact and write the events, one line each with ``context``; a 500 if stdout fails, a 503 (retry)
+        if the event store cannot take them now."""
         if not events:
             return
         lines = []
@@ -159,3 +163,6 @@ class Ingestor:
         except LogWriteError as error:
             log.error("event_log_write_failed", error=str(error), events=len(lines))
             raise ApiError(500, messages.LOG_WRITE_FAILED) from error
+        except SinkUnavailableError as error:
+            log.warning("event_store_unavailable", reason=str(error), events=len(lines))
+            raise ApiError(503, messages.EVENT_STORE_UNAVAILABLE, headers={"Retry-After": str(RETRY_AFTER)}) from error

@@ -60,7 +60,7 @@ from nats.js.api import StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
 
-from analytics.eventlog import Batch
+from analytics.eventlog import Batch, SinkUnavailableError
 
 log = structlog.get_logger()
 
@@ -82,10 +82,6 @@ CLOSE_TIMEOUT = 5.0
 # strips a value and turns CR and LF into spaces, so other ids are percent-encoded (UTF-8) rather
 # than merged: "%" always encoded keeps the mapping one to one.
 ID_SAFE = "".join(chr(code) for code in range(0x21, 0x7F) if chr(code) != "%")
-
-
-class SinkUnavailableError(Exception):
-    """A sink cannot take the batch now, and may later: the client should retry it (a 503 with Retry-After)."""
 
 
 def subject_matches(pattern: str, subject: str) -> bool:

@@ -264,6 +264,14 @@ ERROR_BODIES = (
         f"lines, which a retry repeats: deduplicate on `id`). `{messages.INTERNAL_ERROR}`: a bug.",
     ),
     ErrorBody(
+        "EventStoreUnavailable",
+        503,
+        (messages.EVENT_STORE_UNAVAILABLE,),
+        "SINKS includes nats and JetStream has not acknowledged every event of the batch (not connected, or the "
+        "acknowledgements did not all arrive within NATS_ACK_TIMEOUT): retry the whole batch after Retry-After "
+        "seconds. Some of its events may be stored already; those with an `id` are not stored twice.",
+    ),
+    ErrorBody(
         "NotReady",
         503,
         (messages.NOT_READY,),
@@ -290,8 +298,9 @@ def _json(schema: dict | str) -> dict:
     return {"application/json": {"schema": schema}}
 
 
-def _errors(*names: str) -> dict[str, dict]:
-    """The responses for these error bodies, one per status (a oneOf where a status has several)."""
+def _errors(*names: str, headers: Mapping[int, Mapping[str, Any]] | None = None) -> dict[str, dict]:
+    """The responses for these error bodies, one per status (a oneOf where a status has several), with the
+    ``headers`` given for a status."""
     by_status: dict[int, list[ErrorBody]] = {}
     for name in names:
         by_status.setdefault(_ERRORS[name].status, []).append(_ERRORS[name])
@@ -299,7 +308,7 @@ def _errors(*names: str) -> dict[str, dict]:
     for status, bodies in by_status.items():
         schema = _ref(bodies[0].name) if len(bodies) == 1 else {"oneOf": [_ref(body.name) for body in bodies]}
         description = " ".join(f"`{' / '.join(body.messages)}`: {body.description}" for body in bodies)
-        responses[str(status)] = _response(description, _json(schema))
+        responses[str(status)] = _response(description, _json(schema), (headers or {}).get(status))
     return responses
 
 
@@ -336,6 +345,10 @@ def _register_components(spec: APISpec, config: Mapping[str, Any]) -> None:
         ),
     )
     spec.components.header("Allow", _header("The methods the path does answer.", required=True))
+    spec.components.header(
+        "RetryAfter",
+        _header("Seconds to wait before retrying the same batch.", {"type": "string", "pattern": "^[0-9]+$"}, True),
+    )
     spec.components.parameter(
         "RequestId",
         "header",
@@ -387,8 +400,9 @@ def _ingest_operations(config: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "post": {
             "summary": "Ingest a batch of analytics events",
-            "description": "Every accepted event is written as one JSON line on the service's stdout before the "
-            "200 is sent. A batch is checked whole before anything is written.",
+            "description": "Every accepted event is written as one JSON line to each sink in SINKS (stdout by "
+            "default; a JetStream stream with nats) before the 200 is sent. A batch is checked whole before "
+            "anything is written.",
             "operationId": "ingest",
             # Content-Encoding is described with the body, not as a parameter: a parameter would say any of its
             # values goes with any body, and a gzip body is another body.
@@ -415,6 +429,8 @@ def _ingest_operations(config: Mapping[str, Any]) -> dict[str, Any]:
                     "TooManyEvents",
                     "UnsupportedEncoding",
                     "ServerError",
+                    "EventStoreUnavailable",
+                    headers={503: {"Retry-After": "RetryAfter"}},
                 ),
             },
         },

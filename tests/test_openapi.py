@@ -18,6 +18,7 @@ from analytics import messages
 from analytics.schemas import BatchSchema, EventSchema
 from analytics.timestamps import parse_timestamp
 from app import create_app, register_extensions
+from tests.harness.gunicorn import free_port
 from tests.harness.lines import strict_json
 from tests.harness.openapi import (
     DRAFT_2020_12,
@@ -35,7 +36,7 @@ ALLOWED_ORIGIN = "https://shop.example"
 
 # Every operation and status the document must state, as the contract has them.
 EXPECTED_OPERATIONS = {
-    ("/api/analytics", "post"): {"200", "400", "403", "408", "413", "415", "500"},
+    ("/api/analytics", "post"): {"200", "400", "403", "408", "413", "415", "500", "503"},
     ("/api/analytics", "options"): {"204", "403"},
     ("/api/openapi.json", "get"): {"200", "403"},
     ("/healthz", "get"): {"200"},
@@ -515,6 +516,18 @@ def test_unwritable_stdout_is_the_documented_503(doc, readerless_pipe):
     assert_matches(doc, "/readyz", "GET", response)
 
 
+def test_event_store_unavailable_is_the_documented_503(doc):
+    """SINKS with nats and no NATS server listening: the documented 503, with Retry-After."""
+    app = create_app({"TESTING": True, "SINKS": ["nats"], "NATS_SERVERS": [f"nats://127.0.0.1:{free_port()}"]})
+    try:
+        response = app.test_client().post("/api/analytics", data=ONE)
+    finally:
+        app.extensions["jetstream"].close()
+    assert (response.status_code, strict_json(response.data)) == (503, {"error": messages.EVENT_STORE_UNAVAILABLE})
+    assert response.headers["Retry-After"] == "5"
+    assert_matches(doc, "/api/analytics", "POST", response)
+
+
 def test_uncaught_exception_is_the_documented_500(doc):
     """A bug in the service (an uncaught exception, TESTING off) is a 500 whose body the document describes."""
     response = _crashing_app().test_client().post("/api/analytics", data=ONE)
@@ -536,6 +549,7 @@ def test_tests_above_produce_every_documented_status(doc):
     produced |= {
         ("/api/analytics", "post", "408"),
         ("/api/analytics", "post", "500"),
+        ("/api/analytics", "post", "503"),
         ("/api/openapi.json", "get", "200"),
         ("/readyz", "get", "503"),
         *(("/analytics.js", "get", status) for status in ("200", "302", "304")),
