@@ -189,6 +189,29 @@ def event_ids(request_body: str | None) -> list[str]:
     return [event["id"] for event in json.loads(request_body or "{}")["events"]]
 
 
+RouteHandler = Callable[[Route], None]
+
+
+def answer_first(count: int, status: int, body: str, **headers: str) -> tuple[RouteHandler, list[str | None]]:
+    """A route handler that answers the first ``count`` batches itself (readable cross-origin) and lets the
+    rest through to the service; and the list of the request bodies it saw, filled as they come."""
+    tries: list[str | None] = []
+
+    def handler(route: Route) -> None:
+        tries.append(route.request.post_data)
+        if len(tries) <= count:
+            route.fulfill(
+                status=status,
+                headers={"Access-Control-Allow-Origin": "*", **headers},
+                content_type="application/json",
+                body=body,
+            )
+        else:
+            route.continue_()
+
+    return handler, tries
+
+
 def test_tracked_events_arrive_in_one_batch_with_their_ids(start_server: Callable[..., Server], site: Site, tab: Tab):
     """A few events, from a page on another origin, reach the log in one batch, each with its id."""
     server = start_server(workers=2)
@@ -239,20 +262,7 @@ def test_503_twice_then_200_logs_every_event_once(start_server: Callable[..., Se
     server = start_server(workers=2)
     # data-endpoint names the same service by another host name, so the route sees only what it names.
     endpoint = f"http://localhost:{server.port}/api/analytics"
-    tries: list[str | None] = []
-
-    def unavailable_twice(route: Route) -> None:
-        tries.append(route.request.post_data)
-        if len(tries) <= 2:
-            route.fulfill(
-                status=503,
-                headers={"Access-Control-Allow-Origin": "*"},
-                content_type="application/json",
-                body='{"error": "Service unavailable"}',
-            )
-        else:
-            route.continue_()
-
+    unavailable_twice, tries = answer_first(2, 503, '{"error": "Service unavailable"}')
     tab.page.route(endpoint, unavailable_twice)
     tab.page.goto(site.page_url(f"{server.url}/analytics.js", endpoint=endpoint, flush_interval=600000, retry_base=50))
     ids = tab.page.evaluate("const ids = [1, 2, 3].map(n => analytics.track('step', {n})); analytics.flush(); ids")
@@ -267,24 +277,12 @@ def test_retry_after_sets_the_wait(start_server: Callable[..., Server], site: Si
     """A 429's Retry-After: 0 replaces a backoff that could last up to an hour."""
     server = start_server(workers=2)
     endpoint = f"{server.url}/api/analytics"
-    tries: list[str | None] = []
-
-    def rate_limited_once(route: Route) -> None:
-        tries.append(route.request.post_data)
-        if len(tries) == 1:
-            route.fulfill(
-                status=429,
-                headers={
-                    "Access-Control-Allow-Origin": "*",
-                    "Access-Control-Expose-Headers": "Retry-After",
-                    "Retry-After": "0",
-                },
-                content_type="application/json",
-                body='{"error": "Too many requests"}',
-            )
-        else:
-            route.continue_()
-
+    rate_limited_once, tries = answer_first(
+        1,
+        429,
+        '{"error": "Too many requests"}',
+        **{"Access-Control-Expose-Headers": "Retry-After", "Retry-After": "0"},
+    )
     tab.page.route(endpoint, rate_limited_once)
     tab.page.goto(
         site.page_url(f"{server.url}/analytics.js", flush_interval=600000, retry_base=3600000, retry_max=3600000)
@@ -323,20 +321,7 @@ def test_403_is_dropped_with_a_warning(start_server: Callable[..., Server], site
     """A 403 the page can read is like any other 4xx: tried once, dropped with a warning; the queue moves on."""
     server = start_server(workers=2)
     endpoint = f"{server.url}/api/analytics"
-    tries: list[str | None] = []
-
-    def forbidden_once(route: Route) -> None:
-        tries.append(route.request.post_data)
-        if len(tries) == 1:
-            route.fulfill(
-                status=403,
-                headers={"Access-Control-Allow-Origin": "*"},
-                content_type="application/json",
-                body='{"error": "Origin not allowed"}',
-            )
-        else:
-            route.continue_()
-
+    forbidden_once, tries = answer_first(1, 403, '{"error": "Origin not allowed"}')
     tab.page.route(endpoint, forbidden_once)
     tab.page.goto(site.page_url(f"{server.url}/analytics.js", flush_interval=600000, retry_base=50))
     refused = tab.page.evaluate("const ids = [analytics.track('a')]; analytics.flush(); ids")
