@@ -32,6 +32,11 @@ A batch is published pipelined: every message goes out (nats-py coalesces them
 into a few socket writes), then the acknowledgements are awaited together,
 bounded by ``NATS_ACK_TIMEOUT`` from the start. Each message asks for the
 stream by name (``Nats-Expected-Stream``), so none is acknowledged by another.
+The messages are plain publishes whose reply subjects name the batch and the
+event, and one subscription per connection counts the acknowledgements into
+the batch's one future, rather than nats-py's ``publish_async``: that one
+builds a future, a random token and a ``PubAck`` per message, which made the
+sink's loop a bottleneck (at 100 events a batch 1.6 times the time per write).
 
 Why not JetStream's atomic batch publish (server 2.12+, ADR-50: up to 1000
 messages staged and committed all or none). It would make a batch's events
@@ -47,18 +52,21 @@ batch needs; a batch answered 503 may be stored in part, and its retry completes
 
 import asyncio
 import concurrent.futures
+import itertools
 import os
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
+import orjson
 import structlog
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import Header, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
-from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
 
 from analytics.eventlog import Batch, SinkUnavailableError
 
@@ -82,6 +90,8 @@ CLOSE_TIMEOUT = 5.0
 # strips a value and turns CR and LF into spaces, so other ids are percent-encoded (UTF-8) rather
 # than merged: "%" always encoded keeps the mapping one to one.
 ID_SAFE = "".join(chr(code) for code in range(0x21, 0x7F) if chr(code) != "%")
+# The status a server answers a request with when nothing subscribes to its subject: no stream takes it.
+NO_RESPONDERS = "503"
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -100,6 +110,18 @@ def message_id(event: Mapping[str, Any]) -> str | None:
     non-ASCII character, then percent-encoded; None for an event without one."""
     event_id = event.get("id")
     return quote(event_id, safe=ID_SAFE) if event_id else None
+
+
+class _Acks:
+    """The acknowledgements one batch waits for: each event's counted once, ``done`` resolved when all are in."""
+
+    __slots__ = ("expected", "received", "failures", "done")
+
+    def __init__(self, expected: int, done: asyncio.Future) -> None:
+        self.expected = expected
+        self.received: set[str] = set()
+        self.failures: list[Exception] = []
+        self.done = done
 
 
 class JetStreamSink:
@@ -129,6 +151,10 @@ class JetStreamSink:
         self._runner: concurrent.futures.Future | None = None
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
+        # Reply subjects are "<prefix>.<batch>.<event>"; the acknowledgements awaited, by batch.
+        self._reply_prefix = ""
+        self._waiting: dict[str, _Acks] = {}
+        self._batch_numbers = itertools.count()
         # Why the stream cannot take events (not yet checked, or unusable), None once it can.
         self._stream_problem: str | None = "stream not checked yet"
         # Set (in the loop) when the stream must be looked at again: a reconnection, a publish nobody answered.
@@ -230,6 +256,9 @@ class JetStreamSink:
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
         )
+        # Subscribed before any publish; nats-py subscribes again after each reconnection.
+        self._reply_prefix = nc.new_inbox()
+        await nc.subscribe(f"{self._reply_prefix}.>", cb=self._on_ack)
         self._js = nc.jetstream(timeout=self.ack_timeout)
         self._logged_errors.clear()
         self._log.info("nats_connected", server=_url(nc))
@@ -276,32 +305,58 @@ class JetStreamSink:
 
     async def _publish(self, batch: Batch) -> None:
         """Send every event of the batch, then wait for all acknowledgements, within ack_timeout of the start."""
-        assert self._js
-        deadline = asyncio.get_running_loop().time() + self.ack_timeout
-        acks: list[asyncio.Future] = []
+        assert self._nc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ack_timeout
+        number = str(next(self._batch_numbers))
+        acks = self._waiting[number] = _Acks(len(batch.lines), loop.create_future())
+        reply = f"{self._reply_prefix}.{number}."
         try:
-            for event, line in zip(batch.events, batch.lines, strict=True):
+            for index, (event, line) in enumerate(zip(batch.events, batch.lines, strict=True)):
                 event_id = message_id(event)
-                headers = {"Nats-Msg-Id": event_id} if event_id else None
-                acks.append(await self._js.publish_async(self.subject, line, headers=headers, stream=self.stream))
-            done, pending = await asyncio.wait(acks, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+                headers = {"Nats-Msg-Id": event_id} if event_id else {}
+                headers[Header.EXPECTED_STREAM] = self.stream
+                await self._nc.publish(self.subject, line, reply=f"{reply}{index}", headers=headers)
+            await asyncio.wait_for(acks.done, max(0.0, deadline - loop.time()))
         except (NatsError, OSError) as error:
-            for ack in acks:
-                ack.cancel()
             raise SinkUnavailableError(f"publishing to NATS failed: {error!r}") from None
-        for ack in pending:
-            # Also frees its place among nats-py's pending publishes.
-            ack.cancel()
-        if pending:
+        except TimeoutError:
             raise SinkUnavailableError(
-                f"{len(pending)} of {len(acks)} JetStream acknowledgements did not arrive within {self.ack_timeout} s"
-            )
-        failures = [ack.exception() for ack in done if ack.exception()]
-        if failures:
-            if any(isinstance(failure, NoStreamResponseError) for failure in failures) and self._recheck:
+                f"{acks.expected - len(acks.received)} of {acks.expected} JetStream acknowledgements did not arrive "
+                f"within {self.ack_timeout} s"
+            ) from None
+        finally:
+            del self._waiting[number]
+        if acks.failures:
+            if any(isinstance(failure, NoStreamResponseError) for failure in acks.failures) and self._recheck:
                 # Nothing took the subject: the stream may be gone; look (and create it) again.
                 self._recheck.set()
-            raise SinkUnavailableError(f"JetStream refused {len(failures)} of {len(acks)} events: {failures[0]!r}")
+            raise SinkUnavailableError(
+                f"JetStream refused {len(acks.failures)} of {acks.expected} events: {acks.failures[0]!r}"
+            )
+
+    async def _on_ack(self, msg: Msg) -> None:
+        """Count one event's acknowledgement into its batch: stored (a duplicate too), or refused and why."""
+        number, _, index = msg.subject[len(self._reply_prefix) + 1 :].rpartition(".")
+        acks = self._waiting.get(number)
+        if acks is None or acks.done.done() or index in acks.received:
+            # A batch given up (timed out, cancelled), or an answer counted already.
+            return
+        acks.received.add(index)
+        if msg.headers and msg.headers.get(Header.STATUS) == NO_RESPONDERS:
+            acks.failures.append(NoStreamResponseError())
+        else:
+            try:
+                answer = orjson.loads(msg.data)
+                if "error" in answer:
+                    # Raises the error the answer describes, as nats-py's own classes have it.
+                    APIError.from_error(answer["error"])
+            except APIError as error:
+                acks.failures.append(error)
+            except (orjson.JSONDecodeError, TypeError, KeyError) as error:
+                acks.failures.append(APIError(description=f"unreadable acknowledgement {msg.data[:200]!r}: {error!r}"))
+        if len(acks.received) == acks.expected:
+            acks.done.set_result(None)
 
     async def _close(self) -> None:
         """Stop checking the stream and close the connection."""
