@@ -1,7 +1,8 @@
 """The benchmark harness: bench/run.py drives wrk against the service and bench/floor.py.
 
 Its modules by job: ``cli`` (the command line), ``payloads`` (request bodies),
-``servers`` (the floor and the service under gunicorn), ``wrk`` (driving wrk),
+``servers`` (the floor and the service under gunicorn), ``natsstore`` (the
+nats-server the nats sink writes to), ``wrk`` (driving wrk),
 ``measure`` (one run, checked) and ``report`` (the table and the raw results).
 """
 

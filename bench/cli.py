@@ -4,7 +4,7 @@ import argparse
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench import ROOT
@@ -68,6 +68,13 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="worker class of a service to measure: sync or gthread:THREADS; repeat to compare (default sync)",
     )
     parser.add_argument(
+        "--sink",
+        choices=("stdout", "nats"),
+        action="append",
+        help="where each service writes (ANALYTICS_SINKS): stdout, or nats (a local nats-server, started for the run); "
+        "repeat to measure both side by side (default stdout)",
+    )
+    parser.add_argument(
         "--connection-close",
         action="store_true",
         help="send Connection: close, so keep-alive workers reconnect every request too (a proxy without pooling)",
@@ -108,7 +115,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         repeats=args.repeats,
         connections=args.connections,
         wrk_threads=args.wrk_threads,
-        services=tuple(args.service or [ServerSpec("service")]),
+        services=tuple(
+            replace(spec, sink=sink)
+            for spec in args.service or [ServerSpec("service")]
+            for sink in dict.fromkeys(args.sink or ["stdout"])
+        ),
         connection_close=args.connection_close,
         settle=args.settle,
         rss_requests=args.rss_requests,

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -56,12 +56,15 @@ class Measurement:
         return self.wrk.rps * self.batch
 
 
-def count_problems(result: WrkResult, logged: int, batch: int, connections: int) -> tuple[int, list[str]]:
+def count_problems(
+    result: WrkResult, logged: int, batch: int, connections: int, written: str = "event lines"
+) -> tuple[int, list[str]]:
     """The events acknowledged, and what is wrong with the run's accounting.
 
-    Every acknowledged event must be on stdout. A few more may be: requests that
-    were in flight when wrk stopped (one per connection) or lost to a socket error
-    were handled by the server but never counted by wrk.
+    Every acknowledged event must be on stdout (or in the stream: ``written``
+    names which). A few more may be: requests that were in flight when wrk
+    stopped (one per connection) or lost to a socket error were handled by the
+    server but never counted by wrk.
     """
     problems = []
     if result.status_errors:
@@ -69,11 +72,11 @@ def count_problems(result: WrkResult, logged: int, batch: int, connections: int)
     acknowledged = (result.requests - result.status_errors) * batch
     unseen = (connections + result.socket_errors) * batch
     if logged < acknowledged:
-        problems.append(f"only {logged} event lines for {acknowledged} acknowledged events")
+        problems.append(f"only {logged} {written} for {acknowledged} acknowledged events")
     elif logged > acknowledged + unseen:
-        problems.append(f"{logged} event lines for {acknowledged} acknowledged events (at most {unseen} unseen)")
+        problems.append(f"{logged} {written} for {acknowledged} acknowledged events (at most {unseen} unseen)")
     if logged % batch:
-        problems.append(f"{logged} event lines is not a whole number of batches of {batch}")
+        problems.append(f"{logged} {written} is not a whole number of batches of {batch}")
     return acknowledged, problems
 
 
@@ -124,8 +127,7 @@ def cpu_times(cpu: int | None) -> tuple[int, int]:
 def measure(
     server: Server, body: Path, script: Path, batch: int, repeat: int, options: Options, profiler: Profiler | None
 ) -> Measurement:
-    """Check the answer, warm up, measure, and check the event lines against the acknowledged events."""
-    assert server.counter
+    """Check the answer, warm up, measure, and check the events written against the acknowledged events."""
 
     def load(duration: int) -> WrkResult:
         return run_wrk(server.url, script, duration, options.wrk_threads, options.connections, options.load_cpu)
@@ -134,7 +136,7 @@ def measure(
     if options.warmup:
         load(options.warmup)
     worker = server.worker_pid()
-    before = server.counter.settle(options.settle)
+    before = server.stored(options.settle)
     cpu, wall, core = server.cpu_seconds(), time.monotonic(), cpu_times(options.server_cpu)
     name = f"{server.spec.slug}-b{batch}-r{repeat}"
     with profiler.record(server, name, options.duration) if profiler else nullcontext():
@@ -142,29 +144,29 @@ def measure(
     wall = time.monotonic() - wall
     cpu = server.cpu_seconds() - cpu
     core = [after - before for before, after in zip(core, cpu_times(options.server_cpu), strict=True)]
-    logged = server.counter.settle(options.settle) - before
-    acknowledged, problems = count_problems(result, logged, batch, options.connections)
+    logged = server.stored(options.settle) - before
+    acknowledged, problems = count_problems(result, logged, batch, options.connections, server.written)
     if server.worker_pid() != worker:
         problems.append("the worker was replaced during the run")
     busy = 1 - core[1] / core[0] if core[0] else float("nan")
     return Measurement(server.spec.label, batch, repeat, result, logged, acknowledged, cpu, wall, busy, problems)
 
 
-def measure_rss(server: Server, body: bytes, events: int, options: Options) -> dict[str, Any]:
-    """Peak RSS of the worker after a burst of 1 MiB bodies, as many at a time as it has threads."""
-    assert server.counter
-    before = server.counter.settle(options.settle)
+def measure_rss(server: Server, bodies: Sequence[bytes], events: int, options: Options) -> dict[str, Any]:
+    """Peak RSS of the worker after a burst of 1 MiB bodies (each with ``events`` events and ids of its own, so
+    that none is a stream's duplicate), as many at a time as the worker has threads."""
+    before = server.stored(options.settle)
     idle = server.memory_kib()
 
-    def post(_: int) -> tuple[int, Any]:
+    def post(body: bytes) -> tuple[int, Any]:
         return server.request("POST", PATH, body, timeout=60)
 
     with ThreadPoolExecutor(max_workers=server.spec.threads) as pool:
-        answers = list(pool.map(post, range(options.rss_requests)))
+        answers = list(pool.map(post, bodies))
     problems = [f"{status} {answer!r}" for status, answer in answers if answer != {"success": True, "received": events}]
-    logged = server.counter.settle(options.settle) - before
-    if logged != events * options.rss_requests:
-        problems.append(f"{logged} event lines for {events * options.rss_requests} events")
+    logged = server.stored(options.settle) - before
+    if logged != events * len(bodies):
+        problems.append(f"{logged} {server.written} for {events * len(bodies)} events")
     after = server.memory_kib()
     return {
         "server": server.spec.label,

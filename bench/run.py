@@ -1,10 +1,14 @@
 """The benchmark: the service against the floor, side by side, with one command.
 
-    .venv/bin/python bench/run.py [--repeats 3] [--service sync --service gthread:4] [--profile DIR]
+    .venv/bin/python bench/run.py [--repeats 3] [--service sync --service gthread:4] [--sink stdout --sink nats]
+        [--profile DIR]
 
 Both servers run under gunicorn with one worker pinned to CPU 0 (the service with
 the production gunicorn.conf.py, the floor with bench/floor.py); wrk, this
 harness and its helpers run on CPU 1. Only one server is under load at a time.
+With ``--sink nats`` a service writes to a local nats-server (started by the
+harness, on CPU 1 like the stdout readers) and its events are counted in its
+stream, and each nats service is compared with the same one writing to stdout.
 For each batch size and server: check that the answer is right, warm up, run wrk,
 then check that the event lines that reached the server's stdout are the events
 wrk saw acknowledged. One table at the end: requests/s, events/s, p50 and p99
@@ -39,10 +43,14 @@ if not __package__:
 from bench import ROOT, BenchError  # noqa: E402
 from bench.cli import Options, parse_args  # noqa: E402
 from bench.measure import Measurement, Profiler, measure, measure_rss  # noqa: E402
+from bench.natsstore import NatsStore  # noqa: E402
 from bench.payloads import make_body, make_large_body  # noqa: E402
-from bench.report import load_average, machine, memory_lines, progress_line, save, summarize  # noqa: E402
+from bench.report import load_average, machine, memory_lines, progress_line, save, sink_lines, summarize  # noqa: E402
 from bench.servers import FLOOR_SPEC, Server  # noqa: E402
 from bench.wrk import wrk_script  # noqa: E402
+
+# The first seed of the RSS burst's bodies.
+RSS_SEEDS = 1000
 
 
 def run(options: Options, workdir: Path, profiler: Profiler | None) -> tuple[list[Measurement], list[dict[str, Any]]]:
@@ -56,9 +64,17 @@ def run(options: Options, workdir: Path, profiler: Profiler | None) -> tuple[lis
     measurements: list[Measurement] = []
     memory: list[dict[str, Any]] = []
     with ExitStack() as stack:
+        nats = None
+        if any(spec.sink == "nats" for spec in specs):
+            nats = NatsStore(workdir)
+            stack.callback(nats.stop)
+            nats.start()
         servers = []
         for spec in specs:
-            server = Server(spec, workdir, options.server_cpu, options.code)
+            if spec.sink == "nats":
+                assert nats
+                nats.add_stream(spec.stream, spec.subject)
+            server = Server(spec, workdir, options.server_cpu, options.code, nats if spec.sink == "nats" else None)
             stack.callback(server.stop)
             server.start()
             servers.append(server)
@@ -74,10 +90,12 @@ def run(options: Options, workdir: Path, profiler: Profiler | None) -> tuple[lis
                     measurements.append(m)
                     print(progress_line(m), flush=True)
         if options.rss_requests:
-            large = make_large_body()
-            events = len(json.loads(large)["events"])
+            # Ids of their own in each body, as wrk's: a stream would store a repeated one once. Seeds from
+            # RSS_SEEDS, far from make_body's, whose ids (posted by the checks) the same seed would repeat.
+            bodies = [make_large_body(seed=RSS_SEEDS + index) for index in range(options.rss_requests)]
+            events = len(json.loads(bodies[0])["events"])
             for server in servers:
-                memory.append(measure_rss(server, large, events, options))
+                memory.append(measure_rss(server, bodies, events, options))
     return measurements, memory
 
 
@@ -103,9 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (BenchError, OSError, subprocess.SubprocessError) as error:
             print(f"benchmark failed: {error}", file=sys.stderr)
             return 1
-    labels = [spec.label for spec in [FLOOR_SPEC, *options.services]]
+    specs = [FLOOR_SPEC, *options.services]
     print()
-    print(summarize(measurements, labels, options.batches, options.repeats))
+    print(summarize(measurements, specs, options.batches, options.repeats))
+    if lines := sink_lines(measurements, specs, options.batches):
+        print("The nats sink against the stdout sink (events/s over events/s in the same repeat; p99 of each):")
+        print("\n".join(lines))
     for line in memory_lines(memory, options.rss_requests):
         print(line)
     problems = [m for m in measurements if m.problems] + [e for e in memory if e["problems"]]

@@ -1,6 +1,7 @@
 """The servers under load: the floor and the service, each one gunicorn worker pinned to a CPU.
 
-A server's stdout is a pipe whose lines are counted, not kept; its worker's CPU
+A server's stdout is a pipe whose lines are counted, not kept; with the nats
+sink, the events stored are counted in its stream instead. Its worker's CPU
 time and memory are read from /proc.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import MIB, ROOT, BenchError
+from bench.natsstore import NatsStore
 
 BIN = Path(sys.executable).parent
 FLOOR = ROOT / "bench" / "floor.py"
@@ -32,23 +34,34 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """Which server to run: the floor, or the service with a worker class."""
+    """Which server to run: the floor, or the service with a worker class and a sink (ANALYTICS_SINKS)."""
 
     kind: str
     worker_class: str = "sync"
     threads: int = 1
+    sink: str = "stdout"
 
     @property
     def label(self) -> str:
         if self.kind == "floor":
             return "floor"
-        if self.worker_class == "gthread":
-            return f"service (gthread, {self.threads} threads)"
-        return f"service ({self.worker_class})"
+        workers = f"gthread, {self.threads} threads" if self.worker_class == "gthread" else self.worker_class
+        return f"service ({workers})" if self.sink == "stdout" else f"service ({workers}, {self.sink} sink)"
 
     @property
     def slug(self) -> str:
-        return "floor" if self.kind == "floor" else f"service-{self.worker_class}{self.threads}"
+        if self.kind == "floor":
+            return "floor"
+        return f"service-{self.worker_class}{self.threads}" + ("" if self.sink == "stdout" else f"-{self.sink}")
+
+    @property
+    def stream(self) -> str:
+        """The JetStream stream of a service with the nats sink."""
+        return "BENCH_" + self.slug.replace("-", "_").upper()
+
+    @property
+    def subject(self) -> str:
+        return "bench." + self.slug
 
 
 FLOOR_SPEC = ServerSpec("floor")
@@ -96,11 +109,16 @@ class LineCounter:
 
 
 class Server:
-    """One gunicorn (master and one worker) pinned to a CPU, its stdout counted through a pipe."""
+    """One gunicorn (master and one worker) pinned to a CPU, its stdout counted through a pipe (or its stream)."""
 
-    def __init__(self, spec: ServerSpec, workdir: Path, cpu: int | None, code: Path = ROOT) -> None:
+    def __init__(
+        self, spec: ServerSpec, workdir: Path, cpu: int | None, code: Path = ROOT, nats: NatsStore | None = None
+    ) -> None:
+        if (spec.sink == "nats") != (nats is not None):
+            raise ValueError("a server with the nats sink, and only one, needs the NATS store")
         self.spec = spec
         self.code = code
+        self.nats = nats
         self.port = free_port()
         self.stderr_path = workdir / f"{spec.slug}.stderr"
         self.cpu = cpu
@@ -126,6 +144,11 @@ class Server:
             if self.spec.worker_class == "gthread":
                 args += f" --threads {self.spec.threads}"
             env["GUNICORN_CMD_ARGS"] = args
+        if self.nats:
+            env["ANALYTICS_SINKS"] = self.spec.sink
+            env["ANALYTICS_NATS_SERVERS"] = self.nats.url
+            env["ANALYTICS_NATS_STREAM"] = self.spec.stream
+            env["ANALYTICS_NATS_SUBJECT"] = self.spec.subject
         return env
 
     def start(self) -> None:
@@ -147,14 +170,15 @@ class Server:
         self.counter = LineCounter(read_end)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Wait until /healthz answers 200."""
+        """Wait until /healthz answers 200 (/readyz with the nats sink: once connected to it)."""
         assert self.process
         deadline = time.monotonic() + timeout
+        probe = "/readyz" if self.nats else "/healthz"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise BenchError(f"{self.spec.label} exited:\n{self.stderr_tail()}")
             try:
-                status, _ = self.request("GET", "/healthz", timeout=2)
+                status, _ = self.request("GET", probe, timeout=2)
                 if status == 200:
                     return
             except OSError:
@@ -189,6 +213,19 @@ class Server:
         status, answer = self.request("POST", PATH, body)
         if status != 200 or answer != {"success": True, "received": batch}:
             raise BenchError(f"{self.spec.label} answered {status} {answer!r} to a batch of {batch}")
+
+    def stored(self, quiet: float) -> int:
+        """The events the server has written so far, once it has written none for ``quiet`` seconds: lines on
+        stdout, or messages stored in its stream with the nats sink."""
+        if self.nats:
+            return self.nats.settle(self.spec.stream, quiet)
+        assert self.counter
+        return self.counter.settle(quiet)
+
+    @property
+    def written(self) -> str:
+        """What ``stored`` counts, for messages."""
+        return "events stored" if self.nats else "event lines"
 
     def worker_pid(self) -> int:
         """The pid of the one worker: the master's only child."""

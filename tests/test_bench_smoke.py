@@ -1,9 +1,12 @@
 """The benchmark harness (bench/) starts and checks what it claims to: not a measurement, no timing asserted."""
 
+import http.server
 import json
 import shutil
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -15,8 +18,9 @@ from bench.cli import parse_service
 from bench.measure import count_problems
 from bench.payloads import make_body, make_large_body
 from bench.servers import ServerSpec
-from bench.wrk import WrkResult, parse_wrk, wrk_script
+from bench.wrk import WrkResult, parse_wrk, run_wrk, wrk_script
 from config import Config
+from tests.harness.nats import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,6 +116,12 @@ def test_parse_service(text: str, spec: ServerSpec) -> None:
     assert parse_service(text) == spec
 
 
+def test_count_problems_names_what_is_counted() -> None:
+    """With the nats sink the events counted are those stored in the stream, and the problems say so."""
+    _, problems = count_problems(_result(1000), 9_990, batch=10, connections=16, written="events stored")
+    assert problems == ["only 9990 events stored for 10000 acknowledged events"]
+
+
 def test_wrk_script_posts_the_body_file() -> None:
     """The Lua script reads the body from its file, sets the headers and prints the summary in ``done``."""
     script = wrk_script(Path("/tmp/bench/b10.json"), {"Connection": "close"})
@@ -143,6 +153,60 @@ def test_profile_summary_charges_owners() -> None:
     assert "orjson 66.7%" in profiles.report("sample", summary)
 
 
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Keeps every body posted to it and answers 200."""
+
+    protocol_version = "HTTP/1.1"
+    bodies: list[bytes] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        self.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        """Quiet: wrk's requests are not news."""
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[int, list[bytes]]]:
+    """An HTTP server on a free loopback port that keeps the bodies posted to it: its port and the bodies."""
+    bodies: list[bytes] = []
+    handler = type("Recorder", (_Recorder,), {"bodies": bodies})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], bodies
+    finally:
+        server.shutdown()
+        thread.join(10)
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+def test_wrk_gives_every_event_an_id_of_its_own(tmp_path: Path, recorder: tuple[int, list[bytes]]) -> None:
+    """Each request wrk sends is the prepared body with new ids, none seen in another request or another wrk run,
+    each as long as the UUID it replaces: a stream keeping one copy per id would otherwise store one batch."""
+    port, bodies = recorder
+    prepared = make_body(3)
+    (tmp_path / "b3.json").write_bytes(prepared)
+    script = tmp_path / "b3.lua"
+    script.write_text(wrk_script(tmp_path / "b3.json"))
+    for _ in range(2):
+        result = run_wrk(f"http://127.0.0.1:{port}/api/analytics", script, 1, 2, 2, None)
+        assert result.requests > 0 and result.status_errors == 0
+    template = json.loads(prepared)
+    ids = []
+    for body in bodies:
+        assert len(body) == len(prepared)
+        sent = json.loads(body)
+        ids += [event.pop("id") for event in sent["events"]]
+        assert sent == {**template, "events": [{k: v for k, v in e.items() if k != "id"} for e in template["events"]]}
+    assert len(ids) == 3 * len(bodies) >= 3 * 2
+    assert len(set(ids)) == len(ids)
+
+
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
 def test_harness_runs_end_to_end(tmp_path: Path) -> None:
     """A one-second run against both servers prints the table and finds every acknowledged event logged."""
@@ -158,3 +222,24 @@ def test_harness_runs_end_to_end(tmp_path: Path) -> None:
     record = json.loads(saved.read_text())
     assert {m["server"] for m in record["measurements"]} == {"floor", "service (sync)"}
     assert all(m["problems"] == [] and m["logged"] >= m["acknowledged"] > 0 for m in record["measurements"])
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+def test_harness_measures_the_nats_sink_beside_stdout(tmp_path: Path) -> None:
+    """With --sink stdout --sink nats the service runs twice, the second writing to a nats-server the harness
+    starts; its events are counted in the stream (every acknowledged one stored) and compared with stdout's."""
+    require_binary()
+    command = [sys.executable, "bench/run.py", "--duration", "1", "--warmup", "0", "--batches", "5"]
+    command += ["--sink", "stdout", "--sink", "nats", "--rss-requests", "2", "--settle", "0.2", "--no-pin"]
+    command += ["--results", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| service (sync, nats sink) | 5 |" in done.stdout
+    assert "- service (sync, nats sink) over service (sync), batch 5: events/s " in done.stdout
+    assert "every acknowledged event was logged" in done.stdout
+    (saved,) = tmp_path.glob("run-*.json")
+    record = json.loads(saved.read_text())
+    nats = [m for m in record["measurements"] if m["server"] == "service (sync, nats sink)"]
+    assert len(nats) == 1 and nats[0]["problems"] == [] and nats[0]["logged"] >= nats[0]["acknowledged"] > 0
+    (memory,) = [entry for entry in record["memory"] if entry["server"] == "service (sync, nats sink)"]
+    assert memory["problems"] == []
