@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, current_app, g, request
 
 from analytics import messages
-from analytics.body import read_json
+from analytics.body import parse_json, read_body
 from analytics.errors import ApiError
 from analytics.ingest import Ingestor, collector_paused
 
@@ -18,11 +18,10 @@ def ingest() -> dict:
     received_at = datetime.now(UTC)
     ingestor: Ingestor = current_app.extensions["ingestor"]
     config = current_app.config
+    body = read_body(request, config["MAX_BODY_BYTES"], config["BODY_READ_TIMEOUT"])
     # The parsed body lives only inside the pause: it is freed before the collector can run over it.
-    with collector_paused():
-        return ingestor.ingest(
-            read_json(request, config["MAX_BODY_BYTES"], config["BODY_READ_TIMEOUT"]), received_at, g.sender
-        )
+    with collector_paused(len(body)):
+        return ingestor.ingest(parse_json(body), received_at, g.sender)
 
 
 @bp.get("/healthz")

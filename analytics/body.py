@@ -121,8 +121,8 @@ def _read(request: Request, limit: int) -> bytes:
     return body
 
 
-def read_json(request: Request, limit: int, timeout: float) -> Any:
-    """Parse the body as JSON whatever the Content-Type says; raise ApiError if that cannot be done."""
+def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The body, decompressed, whatever the Content-Type says; raise ApiError if it cannot be had within limits."""
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in GZIP and encoding not in IDENTITY:
         raise ApiError(415, messages.UNSUPPORTED_ENCODING, supported=[*GZIP, "identity"])
@@ -130,9 +130,13 @@ def read_json(request: Request, limit: int, timeout: float) -> Any:
         body = _read(request, limit)
     if encoding in GZIP:
         body = _gunzip(body, limit)
-    # RFC 8259 lets a parser ignore a byte order mark; orjson refuses one.
-    body = body.removeprefix(codecs.BOM_UTF8)
+    return body
+
+
+def parse_json(body: bytes) -> Any:
+    """The body as JSON, or the 400 that says it is not."""
     try:
-        return orjson.loads(body)
+        # RFC 8259 lets a parser ignore a byte order mark; orjson refuses one.
+        return orjson.loads(body.removeprefix(codecs.BOM_UTF8))
     except orjson.JSONDecodeError as error:
         raise invalid_json() from error

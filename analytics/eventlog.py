@@ -10,12 +10,13 @@ writes them to stdout whole, under a lock (``analytics.stdout``).
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol
 
 import orjson
 import structlog
 
-from analytics.lines import encode, escape_line_breaks
+from analytics.lines import escape_line_breaks
 from analytics.stdout import LockedWriter
 
 
@@ -24,8 +25,14 @@ class Batch:
     """One request's accepted events, as every sink takes them: each event (as written) and its line."""
 
     events: Sequence[dict[str, Any]]
-    # Each event's line, without the newline: what stdout holds, and a message body elsewhere.
-    lines: Sequence[bytes]
+    # Every event's line, each ending in a newline, in one buffer: what stdout takes in one write.
+    text: bytes
+
+    @cached_property
+    def lines(self) -> list[bytes]:
+        """Each event's line without its newline, in order: a message body for a stream sink."""
+        # Lines hold no raw newline (JSON escapes it), so the newlines are exactly the ends of lines.
+        return self.text.split(b"\n")[:-1]
 
 
 class SinkUnavailableError(Exception):
@@ -59,7 +66,7 @@ class StdoutSink:
 
     def write(self, batch: Batch) -> None:
         # One buffer, one locked write: a batch is never split between two writers.
-        self.writer.write(b"\n".join(batch.lines) + b"\n")
+        self.writer.write(batch.text)
 
 
 def render_lines(logger: Any, method_name: str, event_dict: dict[str, Any]) -> tuple[tuple[Batch], dict]:
@@ -67,15 +74,14 @@ def render_lines(logger: Any, method_name: str, event_dict: dict[str, Any]) -> t
 
     ``event_dict`` holds the batch's ``events`` and the request's context. The
     context is rendered once, and each event's own JSON has its closing brace
-    replaced by it, rather than a merged dict being built and rendered per event.
+    replaced by it: one join builds the whole buffer, and one scan escapes its line breaks.
     """
     events = event_dict.pop("events")
-    tail = b"," + encode(event_dict)[1:] if event_dict else b"}"
-    lines = []
-    for event in events:
-        head = orjson.dumps({"kind": "event", "type": event["type"], **event}, option=orjson.OPT_UTC_Z)[:-1]
-        lines.append(escape_line_breaks(head) + tail)
-    return (Batch(events, lines),), {}
+    utc = orjson.OPT_UTC_Z
+    ending = (b"," + orjson.dumps(event_dict, option=utc)[1:] if event_dict else b"}") + b"\n"
+    heads = [orjson.dumps({"kind": "event", "type": event["type"], **event}, option=utc)[:-1] for event in events]
+    text = ending.join(heads)
+    return (Batch(events, escape_line_breaks(text + ending)),), {}
 
 
 class EventLog:

@@ -44,8 +44,15 @@ def load_batch(body: Any) -> tuple[list[Any], datetime | None]:
     return batch["events"], batch.get("timestamp")
 
 
+# Bodies from this size on are ingested with the collector paused. A smaller one holds too few
+# containers (at most 11,000 or so) to set off the collector's full collections, and pausing
+# costs a collection of the young objects once the pause ends: about 30 µs a request, a tenth
+# of a small request's cost, measured with and without.
+PAUSE_FROM_BYTES = 32 * 1024
+
+
 class _CollectorPause:
-    """Python's cycle collector held off while any request is being ingested.
+    """Python's cycle collector held off while a large body is being ingested.
 
     Parsed JSON holds no reference cycles: reference counting frees all of it.
     But every container it creates counts towards the collector's thresholds,
@@ -62,7 +69,11 @@ class _CollectorPause:
         self._was_enabled = False
 
     @contextmanager
-    def __call__(self) -> Iterator[None]:
+    def __call__(self, body_bytes: int) -> Iterator[None]:
+        """Pause for the block if the body is ``body_bytes`` long, from PAUSE_FROM_BYTES on."""
+        if body_bytes < PAUSE_FROM_BYTES:
+            yield
+            return
         with self._lock:
             if self._holders == 0:
                 self._was_enabled = gc.isenabled()

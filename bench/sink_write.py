@@ -47,7 +47,7 @@ def batches(size: int, count: int) -> list[Batch]:
     made = []
     for _ in range(count):
         events = [event | {"id": str(uuid.uuid4())} for event in template]
-        made.append(Batch(events, [orjson.dumps({"kind": "event", **event}) for event in events]))
+        made.append(Batch(events, b"".join(orjson.dumps({"kind": "event", **event}) + b"\n" for event in events)))
     return made
 
 
