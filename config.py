@@ -19,6 +19,9 @@ STREAM_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,255}")
 # A literal NATS subject (events go to one subject, so no wildcard): tokens separated by dots.
 SUBJECT_PATTERN = re.compile(r"[^\s.*>]+(?:\.[^\s.*>]+)*")
 SINK_NAMES = ("stdout", "nats")
+# The range of every setting in seconds.
+MIN_SECONDS = 0.001
+MAX_SECONDS = 86400
 
 
 class SettingsError(ValueError):
@@ -103,8 +106,11 @@ def check_settings(settings: dict) -> None:
             raise SettingsError(f"{name} must be a positive integer, not {value!r}")
     for name in ("LOG_WRITE_TIMEOUT", "BODY_READ_TIMEOUT", "NATS_DUPLICATE_WINDOW", "NATS_ACK_TIMEOUT"):
         value = settings[name]
-        if type(value) not in (int, float) or value <= 0:
-            raise SettingsError(f"{name} must be a positive number of seconds, not {value!r}")
+        # NaN, infinity and 1e308 parse as JSON numbers; a socket timeout under a millisecond is none at all.
+        if type(value) not in (int, float) or not MIN_SECONDS <= value <= MAX_SECONDS:
+            raise SettingsError(
+                f"{name} must be a number of seconds from {MIN_SECONDS} to {MAX_SECONDS}, not {value!r}"
+            )
     for name in ("LOG_CLIENT_IP", "REDACT_PAYLOADS"):
         if type(settings[name]) is not bool:
             raise SettingsError(f"{name} must be true or false, not {settings[name]!r}")

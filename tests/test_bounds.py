@@ -193,3 +193,21 @@ def test_no_body_costs_more_than_a_few_valid_batches(capfd):
     ratios = {name: round(statistics.median(times) / valid_cost, 1) for name, times in costs.items()}
     print("CPU per body over a valid batch's:", ratios)  # shown by pytest -rP
     assert max(ratios.values()) <= WORST_OVER_VALID, ratios
+
+
+def test_redaction_does_not_lengthen_a_line_past_the_limit(capfd):
+    """Redaction writes "[REDACTED]", 11 bytes longer than a 0: an event within MAX_EVENT_BYTES as sent but not once
+    redacted is rejected with the size error, not written long; one that still fits is written within the limit."""
+    client = create_app({"TESTING": True, "MAX_EVENT_BYTES": 9000}).test_client()
+
+    def secrets_event(sent_bytes: int) -> bytes:
+        return fill(b'{"type":"a","payload":{"a":[', b'{"pwd":0}', b"]}}", sent_bytes)
+
+    body = b'{"events":[' + secrets_event(8990) + b"," + secrets_event(3000) + b"]}"
+    response = send(client, body)
+    assert (response.status_code, response.json["received"]) == (200, 1)
+    too_large = {"_schema": ["Event is larger than 9000 bytes as JSON."]}
+    assert response.json["rejected"] == [{"index": 0, "errors": too_large}]
+    (line,) = written_lines(capfd)
+    assert len(line) <= 9000 + CONTEXT_ALLOWANCE
+    assert set(orjson.loads(line)["payload"]["a"][0].values()) == {"[REDACTED]"}

@@ -59,6 +59,12 @@ def test_environment_values_are_read_as_meant(monkeypatch, variable, value, sett
         ("ANALYTICS_MAX_EVENTS", "lots"),
         ("ANALYTICS_MAX_BODY_BYTES", "0"),
         ("ANALYTICS_LOG_WRITE_TIMEOUT", "-1"),
+        # JSON numbers that are no timeout: they used to start, then every POST was a 500.
+        ("ANALYTICS_BODY_READ_TIMEOUT", "NaN"),
+        ("ANALYTICS_BODY_READ_TIMEOUT", "1e308"),
+        ("ANALYTICS_BODY_READ_TIMEOUT", "0.0000001"),
+        ("ANALYTICS_LOG_WRITE_TIMEOUT", "Infinity"),
+        ("ANALYTICS_NATS_DUPLICATE_WINDOW", "NaN"),
         ("ANALYTICS_REDACT_KEYS", "[1, 2]"),
         ("ANALYTICS_TRUSTED_PROXIES", '{"a": 1}'),
     ],
