@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 PREFIX = "ANALYTICS_"
 # What a browser puts in Origin: scheme, host and port only; "https://shop.example/" never matches one.
-ORIGIN_PATTERN = re.compile(r"https?://[^/\s]+")
+ORIGIN_PATTERN = re.compile(r"https?://[^/\s]+", re.IGNORECASE)
 # A NATS server URL: nats://[user[:password]@]host:port, the host a name, an IPv4 or a bracketed IPv6 address.
 NATS_URL_PATTERN = re.compile(r"nats://(?:[^\s/@]+@)?(?:\[[0-9A-Fa-f:.]+\]|[^\s/:@\[\]]+):\d{1,5}")
 # A JetStream stream name: no spaces, dots, wildcards or path separators.
@@ -140,6 +140,7 @@ def check_settings(settings: dict) -> None:
                 raise SettingsError(
                     f"CORS_ORIGINS: {origin!r} is not an origin (scheme://host[:port], no path, no trailing slash)"
                 )
+        settings["CORS_ORIGINS"] = [browser_origin(origin) for origin in settings["CORS_ORIGINS"]]
     check_nats_settings(settings)
 
 
@@ -164,6 +165,19 @@ def check_nats_settings(settings: dict) -> None:
     replicas = settings["NATS_REPLICAS"]
     if type(replicas) is not int or not 1 <= replicas <= 5:
         raise SettingsError(f"NATS_REPLICAS must be an integer from 1 to 5 (JetStream's most), not {replicas!r}")
+
+
+def browser_origin(origin: str) -> str:
+    """``origin`` as a browser writes it in Origin: lower case, without the scheme's default port.
+
+    Otherwise "https://Shop.Example" or "https://shop.example:443" would pass the check
+    above and then never match, refusing every browser without a word.
+    """
+    origin = origin.lower()
+    for scheme, port in (("https://", ":443"), ("http://", ":80")):
+        if origin.startswith(scheme):
+            origin = origin.removesuffix(port)
+    return origin
 
 
 def unknown_variables(environ: Iterable[str]) -> list[str]:

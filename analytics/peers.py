@@ -24,6 +24,9 @@ def new_request_id() -> str:
 # MAX_ADDRESS_CHARS long, so the cache holds at most 1024 short strings whatever clients send.
 @lru_cache(maxsize=1024)
 def _parse_short(text: str) -> IPAddress | None:
+    # An IPv6 scope ("fe80::1%eth0") may be any text, and names an interface of the sender, not us.
+    if "%" in text:
+        return None
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:

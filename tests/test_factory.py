@@ -42,6 +42,14 @@ def test_wsgi_module_exposes_the_app():
         ("ANALYTICS_TRUSTED_PROXIES", "10.0.0.1,10.0.0.2", "TRUSTED_PROXIES", ["10.0.0.1", "10.0.0.2"]),
         ("ANALYTICS_CORS_ORIGINS", "https://shop.example", "CORS_ORIGINS", ["https://shop.example"]),
         ("ANALYTICS_CORS_ORIGINS", "*", "CORS_ORIGINS", "*"),
+        # As browsers write Origin: lower case, no default port; else it would never match.
+        (
+            "ANALYTICS_CORS_ORIGINS",
+            "HTTPS://Shop.Example:443,http://a.example:80",
+            "CORS_ORIGINS",
+            ["https://shop.example", "http://a.example"],
+        ),
+        ("ANALYTICS_CORS_ORIGINS", "https://shop.example:8443", "CORS_ORIGINS", ["https://shop.example:8443"]),
         ("ANALYTICS_LOG_CLIENT_IP", "false", "LOG_CLIENT_IP", False),
         ("ANALYTICS_BODY_READ_TIMEOUT", "2", "BODY_READ_TIMEOUT", 2),
     ],
