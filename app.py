@@ -18,7 +18,7 @@ from analytics.lines import most_written
 from analytics.logs import configure_logging
 from analytics.peers import Peers
 from analytics.stdout import LockedWriter, check_writable
-from config import Config, check_settings, unknown_variables
+from config import PREFIX, Config, check_settings, unknown_variables
 
 STDOUT = 1
 
@@ -47,7 +47,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 def load_config(app: Flask, config: Mapping[str, Any] | None) -> None:
     """Defaults from config.py, then ANALYTICS_* variables, then the caller's mapping; then checked."""
     app.config.from_object(Config)
-    app.config.from_prefixed_env("ANALYTICS")
+    app.config.from_prefixed_env(PREFIX)
     if config:
         app.config.update(config)
     check_settings(app.config)

@@ -9,7 +9,8 @@ import ipaddress
 import re
 from collections.abc import Iterable
 
-PREFIX = "ANALYTICS_"
+# Environment variables named ANALYTICS_<SETTING> override the defaults (app.load_config).
+PREFIX = "ANALYTICS"
 # What a browser puts in Origin: scheme, host and port only; "https://shop.example/" never matches one.
 ORIGIN_PATTERN = re.compile(r"https?://[^/\s]+", re.IGNORECASE)
 # A NATS server URL: nats://[user[:password]@]host:port, the host a name, an IPv4 or a bracketed IPv6 address.
@@ -182,5 +183,5 @@ def browser_origin(origin: str) -> str:
 
 def unknown_variables(environ: Iterable[str]) -> list[str]:
     """The ANALYTICS_* variables that name no setting: a misspelled one would otherwise be ignored silently."""
-    known = {PREFIX + name for name in vars(Config) if name.isupper()}
-    return sorted(name for name in environ if name.startswith(PREFIX) and name not in known)
+    known = {f"{PREFIX}_{name}" for name in vars(Config) if name.isupper()}
+    return sorted(name for name in environ if name.startswith(f"{PREFIX}_") and name not in known)

@@ -9,8 +9,8 @@ from functools import lru_cache
 
 # A proxy's X-Request-ID is taken only if it looks like an id, not like an attack on log readers.
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-# The longest text an address can be: IPv6 with an embedded IPv4 is 45 characters, plus a scope id.
-MAX_ADDRESS_CHARS = 64
+# The longest text an address can be: IPv6 with an embedded IPv4, 45 characters (scope ids are refused).
+MAX_ADDRESS_CHARS = 45
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
