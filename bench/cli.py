@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -25,6 +26,8 @@ class Options:
     connections: int
     wrk_threads: int
     services: tuple[ServerSpec, ...]
+    # Request headers wrk sends besides the body's (name, value).
+    headers: tuple[tuple[str, str], ...]
     connection_close: bool
     settle: float
     rss_requests: int
@@ -52,6 +55,23 @@ def parse_service(text: str) -> ServerSpec:
     raise argparse.ArgumentTypeError(f"expected sync or gthread:N, not {text!r}")
 
 
+def parse_variant(text: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """``NAME:SETTING=VALUE;SETTING=VALUE`` as a variant's name and its settings (without the ANALYTICS_ prefix)."""
+    name, _, pairs = text.partition(":")
+    settings = tuple(tuple(pair.split("=", 1)) for pair in pairs.split(";") if pair)
+    if not re.fullmatch(r"[a-z0-9-]+", name) or not settings or any(len(pair) != 2 or not pair[0] for pair in settings):
+        raise argparse.ArgumentTypeError(f"expected NAME:SETTING=VALUE[;SETTING=VALUE...], not {text!r}")
+    return name, settings  # type: ignore[return-value]
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    """``Name: value`` as a header."""
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected 'Name: value', not {text!r}")
+    return name.strip(), value.strip()
+
+
 def parse_args(argv: Sequence[str] | None) -> Options:
     """The command line; the defaults are the yardstick the goals are set for."""
     parser = argparse.ArgumentParser(description=DESCRIPTION)
@@ -73,6 +93,16 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         action="append",
         help="where each service writes (ANALYTICS_SINKS): stdout, or nats (a local nats-server, started for the run); "
         "repeat to measure both side by side (default stdout)",
+    )
+    parser.add_argument(
+        "--variant",
+        type=parse_variant,
+        action="append",
+        help="also run each service with these ANALYTICS_* settings, e.g. metrics-off:METRICS=false (';' between "
+        "settings), compared with itself without them; repeat for several",
+    )
+    parser.add_argument(
+        "--header", type=parse_header, action="append", help="a request header wrk sends, e.g. 'User-Agent: ...'"
     )
     parser.add_argument(
         "--connection-close",
@@ -116,10 +146,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         connections=args.connections,
         wrk_threads=args.wrk_threads,
         services=tuple(
-            replace(spec, sink=sink)
+            replace(spec, sink=sink, variant=variant, settings=settings)
             for spec in args.service or [ServerSpec("service")]
             for sink in dict.fromkeys(args.sink or ["stdout"])
+            for variant, settings in [("", ()), *(args.variant or [])]
         ),
+        headers=tuple(args.header or ()),
         connection_close=args.connection_close,
         settle=args.settle,
         rss_requests=args.rss_requests,

@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,9 +36,9 @@ def cost_model(points: dict[int, float]) -> tuple[float, float] | None:
 
 
 def _goal(spec: ServerSpec, batch: int, ratio: float, goals: dict[int, float] = GOALS) -> str:
-    """The goal the ratio is held to, and whether it is met; the floor and the nats sink (see ``sink_lines``) have
-    none here."""
-    if spec.kind == "floor" or spec.sink != "stdout" or batch not in goals:
+    """The goal the ratio is held to, and whether it is met; the floor, other sinks and variants (see
+    ``comparison_lines``) have none here."""
+    if spec.kind == "floor" or spec.sink != "stdout" or spec.variant or batch not in goals:
         return ""
     return f"≥ {goals[batch]:.2f} {'yes' if ratio >= goals[batch] else 'NO'}"
 
@@ -107,28 +107,29 @@ def summarize(
     return "\n".join(lines)
 
 
-def sink_lines(measurements: list[Measurement], specs: Sequence[ServerSpec], batches: Sequence[int]) -> list[str]:
-    """Each service with the nats sink against the same service with the stdout sink: events/s over events/s in
-    the same repeat (median, range), against NATS_GOALS, and both p99s."""
+def comparison_lines(measurements: list[Measurement], specs: Sequence[ServerSpec], batches: Sequence[int]) -> list[str]:
+    """Each service with another sink or a variant against its baseline (the same with the stdout sink, or without
+    the variant's settings): events/s over events/s in the same repeat (median, range), against NATS_GOALS for the
+    nats sink, and both p99s."""
     lines = []
     runs = {(m.server, m.batch, m.repeat): m for m in measurements}
     for spec in specs:
-        if spec.kind == "floor" or spec.sink == "stdout":
+        if not spec.baseline:
             continue
-        stdout = replace(spec, sink="stdout").label
+        base = spec.baseline.label
         for batch in batches:
             pairs = [
-                (m, runs[(stdout, batch, m.repeat)])
+                (m, runs[(base, batch, m.repeat)])
                 for m in measurements
-                if (m.server, m.batch) == (spec.label, batch) and (stdout, batch, m.repeat) in runs
+                if (m.server, m.batch) == (spec.label, batch) and (base, batch, m.repeat) in runs
             ]
             if not pairs:
                 continue
             ratios = [m.eps / s.eps for m, s in pairs]
-            goal = NATS_GOALS.get(batch)
+            goal = NATS_GOALS.get(batch) if spec.sink == "nats" and not spec.variant else None
             verdict = f", goal ≥ {goal:.2f}: {'yes' if statistics.median(ratios) >= goal else 'NO'}" if goal else ""
             lines.append(
-                f"- {spec.label} over {stdout}, batch {batch}: events/s {_ratio(ratios)}{verdict}; "
+                f"- {spec.label} over {base}, batch {batch}: events/s {_ratio(ratios)}{verdict}; "
                 f"p99 {statistics.median(m.wrk.p99_us for m, _ in pairs) / 1000:.2f} ms against "
                 f"{statistics.median(s.wrk.p99_us for _, s in pairs) / 1000:.2f} ms"
             )

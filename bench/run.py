@@ -1,7 +1,7 @@
 """The benchmark: the service against the floor, side by side, with one command.
 
     .venv/bin/python bench/run.py [--repeats 3] [--service sync --service gthread:4] [--sink stdout --sink nats]
-        [--profile DIR]
+        [--variant 'NAME:SETTING=VALUE;SETTING=VALUE'] [--header 'User-Agent: ...'] [--profile DIR]
 
 Both servers run under gunicorn with one worker pinned to CPU 0 (the service with
 the production gunicorn.conf.py, the floor with bench/floor.py); wrk, this
@@ -9,6 +9,8 @@ harness and its helpers run on CPU 1. Only one server is under load at a time.
 With ``--sink nats`` a service writes to a local nats-server (started by the
 harness, on CPU 1 like the stdout readers) and its events are counted in its
 stream, and each nats service is compared with the same one writing to stdout.
+With ``--variant`` each service is also run with further ANALYTICS_* settings
+(``--variant metrics-off:METRICS=false``) and compared with itself without them.
 For each batch size and server: check that the answer is right, warm up, run wrk,
 then check that the event lines that reached the server's stdout are the events
 wrk saw acknowledged. One table at the end: requests/s, events/s, p50 and p99
@@ -45,7 +47,15 @@ from bench.cli import Options, parse_args  # noqa: E402
 from bench.measure import Measurement, Profiler, measure, measure_rss  # noqa: E402
 from bench.natsstore import NatsStore  # noqa: E402
 from bench.payloads import make_body, make_large_body  # noqa: E402
-from bench.report import load_average, machine, memory_lines, progress_line, save, sink_lines, summarize  # noqa: E402
+from bench.report import (  # noqa: E402
+    comparison_lines,
+    load_average,
+    machine,
+    memory_lines,
+    progress_line,
+    save,
+    summarize,
+)
 from bench.servers import FLOOR_SPEC, Server  # noqa: E402
 from bench.wrk import wrk_script  # noqa: E402
 
@@ -56,7 +66,9 @@ RSS_SEEDS = 1000
 def run(options: Options, workdir: Path, profiler: Profiler | None) -> tuple[list[Measurement], list[dict[str, Any]]]:
     """Start every server, measure each batch size on each in turn, then the RSS burst; stop them all."""
     specs = [FLOOR_SPEC, *options.services]
-    headers = {"Connection": "close"} if options.connection_close else {}
+    headers = dict(options.headers)
+    if options.connection_close:
+        headers["Connection"] = "close"
     for batch in options.batches:
         body = workdir / f"b{batch}.json"
         body.write_bytes(make_body(batch))
@@ -124,8 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = [FLOOR_SPEC, *options.services]
     print()
     print(summarize(measurements, specs, options.batches, options.repeats))
-    if lines := sink_lines(measurements, specs, options.batches):
-        print("The nats sink against the stdout sink (events/s over events/s in the same repeat; p99 of each):")
+    if lines := comparison_lines(measurements, specs, options.batches):
+        print("Against the same service with the stdout sink, or without the variant's settings (events/s over")
+        print("events/s in the same repeat; p99 of each):")
         print("\n".join(lines))
     for line in memory_lines(memory, options.rss_requests):
         print(line)

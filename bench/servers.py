@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,25 +34,40 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """Which server to run: the floor, or the service with a worker class and a sink (ANALYTICS_SINKS)."""
+    """Which server to run: the floor, or the service with a worker class, a sink (ANALYTICS_SINKS) and maybe a
+    variant: a name for further settings (ANALYTICS_<name>=<value> pairs) measured beside the same service without
+    them."""
 
     kind: str
     worker_class: str = "sync"
     threads: int = 1
     sink: str = "stdout"
+    variant: str = ""
+    settings: tuple[tuple[str, str], ...] = ()
 
     @property
     def label(self) -> str:
         if self.kind == "floor":
             return "floor"
         workers = f"gthread, {self.threads} threads" if self.worker_class == "gthread" else self.worker_class
-        return f"service ({workers})" if self.sink == "stdout" else f"service ({workers}, {self.sink} sink)"
+        label = f"service ({workers})" if self.sink == "stdout" else f"service ({workers}, {self.sink} sink)"
+        return f"{label} [{self.variant}]" if self.variant else label
 
     @property
     def slug(self) -> str:
         if self.kind == "floor":
             return "floor"
-        return f"service-{self.worker_class}{self.threads}" + ("" if self.sink == "stdout" else f"-{self.sink}")
+        slug = f"service-{self.worker_class}{self.threads}" + ("" if self.sink == "stdout" else f"-{self.sink}")
+        return f"{slug}-{self.variant}" if self.variant else slug
+
+    @property
+    def baseline(self) -> "ServerSpec | None":
+        """What this service is compared with: the same without its variant, else with the stdout sink."""
+        if self.variant:
+            return replace(self, variant="", settings=())
+        if self.kind == "service" and self.sink != "stdout":
+            return replace(self, sink="stdout")
+        return None
 
     @property
     def stream(self) -> str:
@@ -149,6 +164,8 @@ class Server:
             env["ANALYTICS_NATS_SERVERS"] = self.nats.url
             env["ANALYTICS_NATS_STREAM"] = self.spec.stream
             env["ANALYTICS_NATS_SUBJECT"] = self.spec.subject
+        for name, value in self.spec.settings:
+            env[f"ANALYTICS_{name}"] = value
         return env
 
     def start(self) -> None:

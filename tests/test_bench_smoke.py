@@ -1,5 +1,6 @@
 """The benchmark harness (bench/) starts and checks what it claims to: not a measurement, no timing asserted."""
 
+import argparse
 import http.server
 import json
 import shutil
@@ -14,7 +15,7 @@ import pytest
 
 from analytics.schemas import EventSchema
 from bench import BenchError, profiles
-from bench.cli import parse_service
+from bench.cli import parse_header, parse_service, parse_variant
 from bench.measure import count_problems
 from bench.payloads import make_body, make_large_body
 from bench.servers import ServerSpec
@@ -114,6 +115,18 @@ def test_count_problems(result: WrkResult, logged: int, problem: str | None) -> 
 def test_parse_service(text: str, spec: ServerSpec) -> None:
     """--service takes sync or gthread:THREADS."""
     assert parse_service(text) == spec
+
+
+def test_parse_variant_and_header() -> None:
+    """--variant is a name and ANALYTICS_* settings without the prefix; --header a name and a value."""
+    assert parse_variant("metrics-off:METRICS=false") == ("metrics-off", (("METRICS", "false"),))
+    assert parse_variant("two:A=1;B=x=y") == ("two", (("A", "1"), ("B", "x=y")))
+    for text in ("metrics-off", "Bad Name:A=1", "x:=1", "x:A"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_variant(text)
+    assert parse_header("User-Agent: Mozilla/5.0 (X11)") == ("User-Agent", "Mozilla/5.0 (X11)")
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_header("User-Agent")
 
 
 def test_count_problems_names_what_is_counted() -> None:
@@ -243,3 +256,15 @@ def test_harness_measures_the_nats_sink_beside_stdout(tmp_path: Path) -> None:
     assert len(nats) == 1 and nats[0]["problems"] == [] and nats[0]["logged"] >= nats[0]["acknowledged"] > 0
     (memory,) = [entry for entry in record["memory"] if entry["server"] == "service (sync, nats sink)"]
     assert memory["problems"] == []
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
+def test_harness_runs_a_variant_with_its_settings(tmp_path: Path) -> None:
+    """--variant runs the service a second time with its settings: MAX_EVENTS=4 makes that one refuse the batch of
+    five at the check before the load (413), while the same service without it passes the check."""
+    command = [sys.executable, "bench/run.py", "--duration", "1", "--warmup", "0", "--batches", "5", "--no-pin"]
+    command += ["--variant", "small:MAX_EVENTS=4", "--rss-requests", "0", "--results", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "service (sync) [small] answered 413" in done.stderr
+    assert "service (sync) answered" not in done.stderr
