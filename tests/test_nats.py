@@ -3,6 +3,7 @@ retries, the engine away at start and mid-run, a stream that cannot take the sub
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -23,7 +24,7 @@ from tests.harness.clients import send
 from tests.harness.gunicorn import GUNICORN, ROOT, Server, free_port
 from tests.harness.lines import strict_json
 from tests.harness.load import expected_answer, make_batches, run_load, summarize
-from tests.harness.nats import NatsServer, put_stream, read_stream, running_server, stream_info
+from tests.harness.nats import NatsServer, delete_stream, put_stream, read_stream, running_server, stream_info
 
 STREAM = "ANALYTICS"
 SUBJECT = "analytics.events"
@@ -285,6 +286,54 @@ def test_stream_that_does_not_take_the_subject(start_server, nats_server):
     assert server.stop() == 0
     unusable = [line for line in stderr_lines(server) if line.get("event") == "nats_stream_unusable"]
     assert [(line["level"], line["reason"]) for line in unusable] == [("error", reason)]
+
+
+def test_an_event_the_stream_refuses_and_a_deleted_stream_are_503s_then_taken(start_server, nats_server):
+    """JetStream's refusal of one event (larger than the stream's max_msg_size) makes its batch a 503 whose reason
+    stderr gives; a stream deleted under the service gets no answer for a publish (no responders): a 503, after
+    which the sink makes the stream again, and batches are taken without a restart."""
+    put_stream([nats_server.url], STREAM, [SUBJECT], max_msg_size=400)
+    server = start_server(workers=1, env=nats_env(nats_server))
+    wait_for(lambda: get(server, "/readyz")[0] == 200, 30, "not ready")
+    small, large = {"type": "small", "id": "small-1"}, {"type": "large", "id": "large-1", "payload": {"t": "x" * 500}}
+    status, headers, body = post(server, [small, large])
+    assert ((status, body), headers.get("Retry-After")) == (UNAVAILABLE, "5")
+    # The retry without the event the stream cannot hold is taken; the one stored already is not stored twice.
+    assert post(server, [small])[::2] == (200, {"success": True, "received": 1})
+    assert [json.loads(message.data)["id"] for message in read_stream([nats_server.url], STREAM)] == ["small-1"]
+
+    delete_stream([nats_server.url], STREAM)
+    status, headers, body = post(server, [{"type": "lost", "id": "lost-1"}])
+    assert ((status, body), headers.get("Retry-After")) == (UNAVAILABLE, "5")
+    again = {"type": "again", "id": "again-1"}
+    wait_for(lambda: post(server, [again])[0] == 200, 30, "the stream was not made again")
+    info = stream_info([nats_server.url], STREAM)
+    assert (info.config.subjects, info.config.max_msg_size) == ([SUBJECT], -1)
+    assert [json.loads(message.data)["id"] for message in read_stream([nats_server.url], STREAM)] == ["again-1"]
+    assert server.stop() == 0
+    reasons = [line["reason"] for line in stderr_lines(server) if line.get("event") == "event_store_unavailable"]
+    assert reasons[0] == (
+        "JetStream refused 1 of 2 events: nats: BadRequestError: code=400 err_code=10054 "
+        "description='message size exceeds maximum allowed'"
+    ), reasons
+    assert reasons[1] == "JetStream refused 1 of 1 events: nats: no response from stream", reasons
+
+
+def test_an_event_larger_than_the_server_takes_is_a_503_before_anything_is_sent(start_server, tmp_path):
+    """A message over the server's max_payload would cost the connection (the server closes it): the sink refuses
+    the batch before sending any of it, and the next batch is taken on the same connection."""
+    with running_server(tmp_path, max_payload=2048) as nats_server:
+        server = start_server(workers=1, env=nats_env(nats_server))
+        wait_for(lambda: get(server, "/readyz")[0] == 200, 30, "not ready")
+        large = {"type": "large", "id": "large-1", "payload": {"t": "x" * 3000}}
+        status, headers, body = post(server, [{"type": "small", "id": "small-1"}, large])
+        assert ((status, body), headers.get("Retry-After")) == (UNAVAILABLE, "5")
+        assert post(server, [{"type": "small", "id": "small-2"}])[::2] == (200, {"success": True, "received": 1})
+        assert [json.loads(message.data)["id"] for message in read_stream([nats_server.url], STREAM)] == ["small-2"]
+        assert server.stop() == 0
+    (reason,) = [line["reason"] for line in stderr_lines(server) if line.get("event") == "event_store_unavailable"]
+    assert re.fullmatch(r"an event of \d{4} bytes is more than the NATS server takes \(2048\)", reason), reason
+    assert [line for line in stderr_lines(server) if line.get("event") == "nats_disconnected"] == []
 
 
 @pytest.mark.parametrize(

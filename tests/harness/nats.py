@@ -76,8 +76,11 @@ class NatsServer:
         cluster_port: int | None = None,
         routes: Sequence[int] = (),
         template: Path | None = None,
+        max_payload: int | None = None,
     ) -> None:
         self.binary = require_binary()
+        # The largest message the server takes (its max_payload), None for its default (1 MiB).
+        self.max_payload = max_payload
         # A configuration file with ${CLIENT_PORT}, ${STORE_DIR} and ${ROUTE_PORT_1..n} to fill in, instead of
         # the one _config writes: the cluster of deploy/nats-cluster/ runs as the repository has it.
         self.template = template
@@ -114,6 +117,8 @@ class NatsServer:
             # could be refused on a machine running several test servers at once.
             f'jetstream {{ store_dir: "{self.store}", max_memory_store: 64MB, max_file_store: 1GB }}',
         ]
+        if self.max_payload:
+            lines.append(f"max_payload: {self.max_payload}")
         if self.cluster_port:
             routes = ", ".join(f"nats-route://127.0.0.1:{port}" for port in self.routes)
             listen = f"127.0.0.1:{self.cluster_port}"
@@ -257,9 +262,9 @@ def wait_for_stream_leader(urls: Sequence[str], stream: str, timeout: float = 30
 
 
 @contextmanager
-def running_server(root: Path) -> Iterator[NatsServer]:
+def running_server(root: Path, max_payload: int | None = None) -> Iterator[NatsServer]:
     """One started server, stopped on leaving whatever happened (a test may have stopped it itself)."""
-    server = NatsServer(root)
+    server = NatsServer(root, max_payload=max_payload)
     try:
         yield server.start()
     finally:
@@ -328,11 +333,14 @@ def read_stream(urls: Sequence[str], stream: str, timeout: float = 30) -> list[M
         raise AssertionError(f"stream {stream} was not read within {timeout} s") from None
 
 
-def put_stream(urls: Sequence[str], stream: str, subjects: Sequence[str], replicas: int = 1) -> None:
-    """Create ``stream`` with these subjects, or change the subjects of the one that exists."""
+def put_stream(
+    urls: Sequence[str], stream: str, subjects: Sequence[str], replicas: int = 1, max_msg_size: int = -1
+) -> None:
+    """Create ``stream`` with these subjects (and largest message, -1 for the server's), or change the subjects of
+    the one that exists."""
 
     async def put(js):
-        config = StreamConfig(name=stream, subjects=list(subjects), num_replicas=replicas)
+        config = StreamConfig(name=stream, subjects=list(subjects), num_replicas=replicas, max_msg_size=max_msg_size)
         try:
             await js.update_stream(config)
         except NotFoundError:
@@ -340,3 +348,12 @@ def put_stream(urls: Sequence[str], stream: str, subjects: Sequence[str], replic
         return True
 
     _poll(urls, put, 30, f"stream {stream} could not be put")
+
+
+def delete_stream(urls: Sequence[str], stream: str) -> None:
+    """Delete ``stream`` and every message it holds."""
+
+    async def delete(js):
+        return await js.delete_stream(stream)
+
+    _poll(urls, delete, 30, f"stream {stream} could not be deleted")
