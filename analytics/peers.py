@@ -47,10 +47,14 @@ def parse_address(text: str) -> IPAddress | None:
 
 @dataclass(frozen=True)
 class Sender:
-    """Who sent a request: its id and the client's address (None when the server gave none)."""
+    """Who sent a request: its id, the client's address (None when the server gave none), and the headers that
+    say what sent it and to which site (for the enrichment of its lines: analytics/enrich.py)."""
 
     request_id: str
     client_ip: str | None
+    user_agent: str = ""
+    host: str = ""
+    origin: str = ""
 
 
 class Peers:
@@ -75,8 +79,11 @@ class Peers:
         Read from the WSGI environ: this runs on every request.
         """
         peer = parse_address(environ.get("REMOTE_ADDR") or "")
+        agent = environ.get("HTTP_USER_AGENT", "")
+        host = environ.get("HTTP_HOST", "")
+        origin = environ.get("HTTP_ORIGIN", "")
         if peer is None or not self._is_trusted(peer):
-            return Sender(new_request_id(), str(peer) if peer else None)
+            return Sender(new_request_id(), str(peer) if peer else None, agent, host, origin)
         incoming = environ.get("HTTP_X_REQUEST_ID")
         request_id = incoming if incoming and REQUEST_ID_PATTERN.fullmatch(incoming) else new_request_id()
         address = peer
@@ -87,4 +94,4 @@ class Peers:
             address = ip
             if not self._is_trusted(ip):
                 break
-        return Sender(request_id, str(address))
+        return Sender(request_id, str(address), agent, host, origin)

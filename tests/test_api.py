@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import socket
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -208,7 +209,8 @@ def test_null_optional_fields_mean_absent(client, capfd):
 
 
 def test_event_line_fields(client, capfd):
-    """An event line carries the event, both timestamps normalised to UTC, the receive time and request id."""
+    """An event line carries the event, both timestamps normalised to UTC, the event's corrected for the client's
+    clock, the receive time, request id and anonymized address."""
     event = {
         "type": "signup",
         "payload": {"plan": "pro", "seats": 3},
@@ -222,6 +224,8 @@ def test_event_line_fields(client, capfd):
     (line,) = event_lines(capfd)
     received_at = line.pop("received_at")
     assert received_at.endswith("Z") and received_at[:4].isdigit()
+    # The client's clock was (received_at - 14:32:05) behind ours; the event happened 5 s before it sent the batch.
+    derived_timestamp = (datetime.fromisoformat(received_at) - timedelta(seconds=5)).isoformat().replace("+00:00", "Z")
     assert line == {
         "kind": "event",
         "type": "signup",
@@ -230,9 +234,10 @@ def test_event_line_fields(client, capfd):
         "sessionId": "s-1",
         "id": "0b7f3c52-3f6c-4a9e-9b1e-3f1f2f0c7d11",
         "timestamp": "2024-05-20T14:32:00Z",
+        "derived_timestamp": derived_timestamp,
         "batch_timestamp": "2024-05-20T14:32:05Z",
         "request_id": response.headers["X-Request-ID"],
-        "client_ip": "127.0.0.1",
+        "client_ip": "127.0.0.0",
     }
 
 
@@ -454,10 +459,11 @@ def test_cors_origins_setting(capfd):
 @pytest.mark.parametrize(
     ("remote", "headers", "request_id", "client_ip"),
     [
-        ("127.0.0.1", {"X-Request-ID": "proxy-id-1", "X-Forwarded-For": "203.0.113.9"}, "proxy-id-1", "203.0.113.9"),
-        ("127.0.0.1", {"X-Forwarded-For": "198.51.100.1, 203.0.113.9, 127.0.0.1"}, None, "203.0.113.9"),
-        ("203.0.113.50", {"X-Request-ID": "spoofed", "X-Forwarded-For": "10.0.0.1"}, None, "203.0.113.50"),
-        ("127.0.0.1", {"X-Request-ID": "bad id<script>"}, None, "127.0.0.1"),
+        # Addresses as written by default (CLIENT_IP anonymized): the last octet zeroed.
+        ("127.0.0.1", {"X-Request-ID": "proxy-id-1", "X-Forwarded-For": "203.0.113.9"}, "proxy-id-1", "203.0.113.0"),
+        ("127.0.0.1", {"X-Forwarded-For": "198.51.100.1, 203.0.113.9, 127.0.0.1"}, None, "203.0.113.0"),
+        ("203.0.113.50", {"X-Request-ID": "spoofed", "X-Forwarded-For": "10.0.0.1"}, None, "203.0.113.0"),
+        ("127.0.0.1", {"X-Request-ID": "bad id<script>"}, None, "127.0.0.0"),
     ],
 )
 def test_forwarded_headers_only_from_trusted_proxies(client, capfd, remote, headers, request_id, client_ip):
@@ -474,9 +480,9 @@ def test_forwarded_headers_only_from_trusted_proxies(client, capfd, remote, head
     assert line["client_ip"] == client_ip
 
 
-def test_log_client_ip_off(capfd):
-    """LOG_CLIENT_IP false leaves the address off event lines."""
-    client = create_app({"TESTING": True, "LOG_CLIENT_IP": False}).test_client()
+def test_client_ip_none(capfd):
+    """CLIENT_IP none leaves the address off event lines."""
+    client = create_app({"TESTING": True, "CLIENT_IP": "none"}).test_client()
     response = post(client, ONE)
     assert (response.status_code, response.json) == (200, {"success": True, "received": 1})
     assert "client_ip" not in event_lines(capfd)[0]

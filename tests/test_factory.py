@@ -50,7 +50,8 @@ def test_wsgi_module_exposes_the_app():
             ["https://shop.example", "http://a.example"],
         ),
         ("ANALYTICS_CORS_ORIGINS", "https://shop.example:8443", "CORS_ORIGINS", ["https://shop.example:8443"]),
-        ("ANALYTICS_LOG_CLIENT_IP", "false", "LOG_CLIENT_IP", False),
+        ("ANALYTICS_CLIENT_IP", "full", "CLIENT_IP", "full"),
+        ("ANALYTICS_EXCLUDE_IPS", "10.0.0.0/8,2001:db8::/32", "EXCLUDE_IPS", ["10.0.0.0/8", "2001:db8::/32"]),
         ("ANALYTICS_BODY_READ_TIMEOUT", "2", "BODY_READ_TIMEOUT", 2),
     ],
 )
@@ -63,7 +64,8 @@ def test_environment_values_are_read_as_meant(monkeypatch, variable, value, sett
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
-        ("ANALYTICS_LOG_CLIENT_IP", "False"),
+        ("ANALYTICS_PARSE_USER_AGENT", "False"),
+        ("ANALYTICS_CLIENT_IP", "partial"),
         ("ANALYTICS_MAX_EVENTS", "lots"),
         ("ANALYTICS_MAX_BODY_BYTES", "0"),
         ("ANALYTICS_LOG_WRITE_TIMEOUT", "-1"),

@@ -29,6 +29,8 @@ CONF = ROOT / "deploy" / "nginx.conf"
 LIMIT = 1024 * 1024
 # An address of this host that the service does not trust as a proxy: a client elsewhere, as far as it knows.
 OUTSIDER = "127.0.0.2"
+# Event lines with the client's whole address, not the default anonymized one.
+FULL_ADDRESSES = {"ANALYTICS_CLIENT_IP": "full"}
 
 pytestmark = pytest.mark.skipif(
     not os.access(NGINX, os.X_OK), reason=f"nginx is not installed ({NGINX}); apt-get install nginx"
@@ -119,8 +121,12 @@ http {{
 def stack(
     start_module_server: Callable[..., Server], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Server, Nginx]]:
-    """gunicorn (2 workers, default settings) behind nginx, shared by this module's tests."""
-    server = start_module_server(workers=2)
+    """gunicorn (2 workers, default settings but whole client addresses) behind nginx, shared by this module's tests.
+
+    Whole addresses (CLIENT_IP full) tell nginx's own 127.0.0.1 from the client's 127.0.0.2, which the
+    default anonymized addresses (127.0.0.0 both) would not; tests/test_enrich.py covers those behind nginx.
+    """
+    server = start_module_server(workers=2, env=FULL_ADDRESSES)
     nginx = Nginx(tmp_path_factory.mktemp("nginx"), server.port).start()
     yield server, nginx
     nginx.stop()
@@ -259,7 +265,7 @@ def test_keepalive_connection_serves_the_next_request_after_each_413(stack):
 @pytest.fixture(scope="module")
 def untrusting(start_module_server: Callable[..., Server]) -> Server:
     """gunicorn that trusts no proxy at all (ANALYTICS_TRUSTED_PROXIES='[]')."""
-    return start_module_server(workers=1, env={"ANALYTICS_TRUSTED_PROXIES": "[]"})
+    return start_module_server(workers=1, env={"ANALYTICS_TRUSTED_PROXIES": "[]", **FULL_ADDRESSES})
 
 
 SPOOF = {"X-Request-ID": "chosen-by-client", "X-Forwarded-For": "203.0.113.9"}
