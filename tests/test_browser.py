@@ -293,6 +293,50 @@ def test_retry_after_sets_the_wait(start_server: Callable[..., Server], site: Si
     assert [event_ids(body) for body in tries] == [ids, ids]
 
 
+# Records in window.fetches when each fetch was made and when its answer came (performance.now(), ms), with its
+# status. The answer's time is taken before the client's own await resumes, so before it sets its wait.
+TIME_FETCHES = """
+window.fetches = [];
+const fetchToTime = window.fetch.bind(window);
+window.fetch = (...args) => {
+  const entry = {start: performance.now()};
+  window.fetches.push(entry);
+  return fetchToTime(...args).then((response) => {
+    Object.assign(entry, {end: performance.now(), status: response.status});
+    return response;
+  });
+};
+"""
+
+
+def test_real_429_from_the_rate_limit_is_retried_after_its_retry_after(
+    start_server: Callable[..., Server], site: Site, tab: Tab
+):
+    """The service's own rate limit (RATE_LIMIT of 1 batch per 4 seconds, one worker): the page's second batch gets
+    a real 429 whose Retry-After it can read cross-origin, sends it again no sooner than that (its own backoff would
+    wait up to an hour), and it is logged once."""
+    server = start_server(workers=1, env={"ANALYTICS_RATE_LIMIT": "1 per 4 seconds"})
+    tab.page.add_init_script(TIME_FETCHES)
+    tab.page.goto(
+        site.page_url(f"{server.url}/analytics.js", flush_interval=600000, retry_base=3600000, retry_max=3600000)
+    )
+    first = tab.page.evaluate("const firstIds = [analytics.track('first')]; analytics.flush(); firstIds")
+    tab.lines(server, 1)
+    second = tab.page.evaluate("const secondIds = [analytics.track('second')]; analytics.flush(); secondIds")
+    lines = tab.lines(server, 2)
+    assert [line["id"] for line in lines] == first + second
+    answers = [request.response() for request in tab.api_requests]
+    assert [answer.status if answer else None for answer in answers] == [200, 429, 200]
+    refused = answers[1]
+    assert refused is not None and refused.json() == {"error": "Too many requests"}
+    retry_after = int(refused.headers["retry-after"])
+    assert 1 <= retry_after <= 5
+    assert [event_ids(request.post_data) for request in tab.api_requests] == [first, second, second]
+    fetches = tab.page.evaluate("window.fetches")
+    assert [fetch["status"] for fetch in fetches] == [200, 429, 200]
+    assert fetches[2]["start"] - fetches[1]["end"] >= retry_after * 1000 - 20  # a timer may fire a tick early
+
+
 def test_400_is_not_retried_and_rejected_events_are_dropped(start_server: Callable[..., Server], site: Site, tab: Tab):
     """A batch the service refuses with 400 is dropped, not retried; rejected events are warned about."""
     server = start_server(workers=2)
