@@ -2,7 +2,8 @@
 
 For platforms without nginx in front (Procfile deploys); behind nginx, deploy/nginx.conf's limit_req
 does the same job before a request costs gunicorn anything. Off by default, and then nothing is
-registered and nothing imported: no hook runs, no request pays for it.
+registered and nothing imported: no hook runs, no request pays for it. On, Flask-Limiter's hooks cost
+each request a half to all of what a one-event batch costs without them (measured in docs/operating.md).
 
 Only POST /api/analytics counts (not its CORS preflight, not /healthz, /readyz or the client script).
 The client is the address resolved through TRUSTED_PROXIES (``g.sender``): behind a trusted proxy the
