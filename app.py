@@ -14,9 +14,13 @@ from analytics.eventlog import EventLog, Sink, StdoutSink
 from analytics.ingest import Ingestor
 from analytics.jetstream import JetStreamSink
 from analytics.jsonprovider import OrjsonProvider
+from analytics.kafka import KafkaSink
 from analytics.lines import most_written
 from analytics.logs import configure_logging
+from analytics.metrics import register_metrics
 from analytics.peers import Peers
+from analytics.plan import plan_from_settings
+from analytics.ratelimit import register_rate_limit
 from analytics.stdout import LockedWriter, check_writable
 from config import PREFIX, Config, check_settings, unknown_variables
 
@@ -32,7 +36,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.json = OrjsonProvider(app)
     load_config(app, config)
     register_request_ids(app)
+    register_metrics(app)
     register_cors(app, app.config["CORS_ORIGINS"])
+    register_rate_limit(app)
     # Refused at start, not answered with a 500 on every batch while /healthz says ok.
     if "stdout" in app.config["SINKS"]:
         check_writable(STDOUT)
@@ -86,11 +92,19 @@ def register_extensions(app: Flask, stdout: int = STDOUT) -> None:
         # starts its own connection (gunicorn.conf.py's post_worker_init, else the first use).
         app.extensions["jetstream"] = jetstream = JetStreamSink.from_config(app.config)
         sinks.append(jetstream)
+    if "kafka" in app.config["SINKS"]:
+        # With the engines, before stdout (a retried batch adds records, but the ids dedup them downstream);
+        # built only, like JetStream's: each worker creates its own producer (post_worker_init, else first use).
+        app.extensions["kafka"] = kafka = KafkaSink.from_config(app.config)
+        sinks.append(kafka)
     if "stdout" in app.config["SINKS"]:
         writer = LockedWriter(stdout, timeout=app.config["LOG_WRITE_TIMEOUT"])
         # Room for the most one request can make the service write, or not ready.
         min_free = most_written(app.config["MAX_BODY_BYTES"], app.config["MAX_EVENTS"])
         sinks.append(StdoutSink(writer, min_free=min_free))
-    event_log = EventLog(sinks)
+    metrics = app.extensions.get("metrics")
+    event_log = EventLog(metrics.timed(sinks) if metrics else sinks)
     app.extensions["event_log"] = event_log
-    app.extensions["ingestor"] = Ingestor(app.config, event_log)
+    # The tracking plan is read and compiled here, once: a bad file stops the start (served by GET /api/tracking-plan).
+    app.extensions["tracking_plan"] = plan = plan_from_settings(app.config)
+    app.extensions["ingestor"] = Ingestor(app.config, event_log, metrics, plan=plan)

@@ -2,7 +2,7 @@
 
 from datetime import UTC, datetime
 
-from flask import Blueprint, current_app, g, request
+from flask import Blueprint, Response, current_app, g, request
 
 from analytics import messages
 from analytics.body import parse_json, read_body
@@ -19,9 +19,17 @@ def ingest() -> dict:
     ingestor: Ingestor = current_app.extensions["ingestor"]
     config = current_app.config
     body = read_body(request, config["MAX_BODY_BYTES"], config["BODY_READ_TIMEOUT"])
+    if ingestor.metrics:
+        ingestor.metrics.body_bytes(len(body))
     # The parsed body lives only inside the pause: it is freed before the collector can run over it.
     with collector_paused(len(body)):
         return ingestor.ingest(parse_json(body), received_at, g.sender)
+
+
+@bp.get("/api/tracking-plan")
+def tracking_plan() -> Response:
+    """The tracking plan in force, its modes, and each type's payload schema, rendered once at start."""
+    return Response(current_app.extensions["tracking_plan"].document, mimetype="application/json")
 
 
 @bp.get("/healthz")

@@ -11,10 +11,13 @@ import structlog
 from marshmallow import ValidationError
 
 from analytics import messages
+from analytics.enrich import Enricher
 from analytics.errors import ApiError
 from analytics.eventlog import EventLog, SinkUnavailableError, event_logger
 from analytics.fastload import compile_loader
+from analytics.metrics import Metrics, events_dropped
 from analytics.peers import Sender
+from analytics.plan import TrackingPlan
 from analytics.redact import redactor_from_settings
 from analytics.schemas import MAX_ID_LENGTH, BatchSchema, EventSchema, size_error
 from analytics.stdout import LogWriteError
@@ -91,51 +94,70 @@ class _CollectorPause:
 collector_paused = _CollectorPause()
 
 
-def _rejection(index: int, raw: Any, errors: Any) -> dict[str, Any]:
-    """One entry of the ``rejected`` list, with the client's id so it can match its own event."""
+def _rejection(index: int, raw: Any, errors: Any, key: str = "errors") -> dict[str, Any]:
+    """One entry of the ``rejected`` list (or, with ``key`` plan_violations, of ``flagged``), with the client's id so
+    it can match its own event."""
     entry: dict[str, Any] = {"index": index}
     event_id = raw.get("id") if isinstance(raw, dict) else None
     if isinstance(event_id, str) and len(event_id) <= MAX_ID_LENGTH:
         entry["id"] = event_id
-    entry["errors"] = errors
+    entry[key] = errors
     return entry
 
 
 class Ingestor:
     """The settings-bound checker and writer, one per app."""
 
-    def __init__(self, config: dict[str, Any], event_log: EventLog) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        event_log: EventLog,
+        metrics: Metrics | None = None,
+        plan: TrackingPlan | None = None,
+    ) -> None:
         self.max_events = config["MAX_EVENTS"]
         self.schema = EventSchema(max_bytes=config["MAX_EVENT_BYTES"])
         self.fast_load = compile_loader(self.schema, hooks={"within_size": self.schema.fits})
         self.redactor = redactor_from_settings(config)
-        self.log_client_ip = config["LOG_CLIENT_IP"]
         self.event_log = event_log
         self._lines = event_logger(event_log)
+        # None when METRICS is off: then nothing is counted.
+        self.metrics = metrics
+        # None without a plan or in mode off: then no event is looked at for it.
+        self.plan = plan if plan is not None and plan.enforced else None
+        # The fields added to every line, and the requests answered but not written (bots, EXCLUDE_IPS).
+        self.enricher = Enricher(config, count_dropped=events_dropped if metrics else None)
 
     def ingest(self, body: Any, received_at: datetime, sender: Sender) -> dict[str, Any]:
         """Check a parsed body, write its valid events, and say what became of each: the answer's body."""
         events, batch_timestamp = load_batch(body)
-        accepted, rejected = self.check(events)
-        self.write(accepted, self.line_context(sender, received_at, batch_timestamp))
+        accepted, rejected, flagged = self.check(events)
+        context = self.line_context(sender, received_at, batch_timestamp)
+        # A request whose events are dropped is answered as if they were written: the client is not told.
+        if self.enricher.enrich(accepted, context, sender, received_at, batch_timestamp):
+            self.write(accepted, context)
+            if self.metrics:
+                self.metrics.accepted(len(accepted))
         answer: dict[str, Any] = {"success": True, "received": len(accepted)}
         if rejected:
             answer["rejected"] = rejected
+        if flagged:
+            answer["flagged"] = flagged
         return answer
 
     def line_context(self, sender: Sender, received_at: datetime, batch_timestamp: datetime | None) -> dict[str, Any]:
-        """What every event line of the request carries besides its event, in the order written; absent is left off."""
+        """What every event line of the request carries besides its event and its enrichment, in the order written;
+        absent is left off."""
         context: dict[str, Any] = {}
         if batch_timestamp is not None:
             context["batch_timestamp"] = batch_timestamp
         context["received_at"] = received_at
         context["request_id"] = sender.request_id
-        if self.log_client_ip and sender.client_ip is not None:
-            context["client_ip"] = sender.client_ip
         return context
 
-    def check(self, events: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Split the batch into loaded valid events, redacted, and the rejections of the others.
+    def check(self, events: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        """Split the batch into loaded valid events, redacted, and the rejections of the others; and say which
+        accepted events the tracking plan flags (each also carries its ``plan_violations`` to its line).
 
         A batch too long is a 413, and one with nothing valid but something invalid a 400.
         """
@@ -153,11 +175,44 @@ class Ingestor:
                     rejected.append(_rejection(index, raw, error.messages))
                     continue
             accepted.append((index, raw, loaded))
+        # The plan sees payloads as sent, before redaction; its messages never hold a value.
+        flags = self._within_plan(accepted, rejected) if self.plan is not None else None
         if self.redactor and self.redactor.for_request()(loaded.get("payload") for _, _, loaded in accepted):
             accepted = self._within_size_once_redacted(accepted, rejected)
+        if self.metrics:
+            self.metrics.checked(events, rejected)
         if rejected and not accepted:
             raise ApiError(400, messages.INVALID_EVENTS, rejected=rejected)
-        return [loaded for _, _, loaded in accepted], rejected
+        flagged = []
+        if flags:
+            for index, raw, loaded in accepted:
+                violations = flags.get(index)
+                if violations:
+                    loaded["plan_violations"] = violations
+                    flagged.append(_rejection(index, raw, violations, key="plan_violations"))
+        return [loaded for _, _, loaded in accepted], rejected, flagged
+
+    def _within_plan(
+        self, accepted: list[tuple[int, Any, dict[str, Any]]], rejected: list[dict[str, Any]]
+    ) -> dict[int, list[dict[str, str]]]:
+        """Move the events the tracking plan rejects from ``accepted`` to ``rejected``; the violations of those it
+        flags, by index (put on their lines once redaction and the size check are done)."""
+        flags = {}
+        kept = []
+        plan_verdict = self.plan.for_request()
+        for entry in accepted:
+            verdict = plan_verdict(entry[2])
+            if verdict is None:
+                kept.append(entry)
+            elif verdict.rejects:
+                rejected.append(_rejection(entry[0], entry[1], verdict.errors()))
+            else:
+                flags[entry[0]] = verdict.violations
+                kept.append(entry)
+        if len(kept) < len(accepted):
+            accepted[:] = kept
+            rejected.sort(key=lambda entry: entry["index"])
+        return flags
 
     def _within_size_once_redacted(
         self, accepted: list[tuple[int, Any, dict[str, Any]]], rejected: list[dict[str, Any]]

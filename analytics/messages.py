@@ -1,6 +1,6 @@
 """The ``error`` string of every JSON error response, shared by the code that answers it and the OpenAPI document."""
 
-from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.exceptions import MethodNotAllowed, NotFound, TooManyRequests
 
 
 def http_error_message(name: str) -> str:
@@ -18,6 +18,7 @@ REQUEST_TIMEOUT = "Request timeout"
 PAYLOAD_TOO_LARGE = "Payload too large"
 TOO_MANY_EVENTS = "Too many events"
 UNSUPPORTED_ENCODING = "Unsupported Content-Encoding"
+TOO_MANY_REQUESTS = http_error_message(TooManyRequests().name)
 LOG_WRITE_FAILED = "Failed to process events"
 EVENT_STORE_UNAVAILABLE = "Event store unavailable"
 INTERNAL_ERROR = "Internal server error"

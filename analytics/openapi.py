@@ -136,13 +136,49 @@ REJECTION = {
             "minProperties": 1,
             "additionalProperties": {"type": "array", "items": {"type": "string"}, "minItems": 1},
             "description": "marshmallow's messages: a list of strings per field name, `_schema` for the element "
-            "as a whole (too large, too deeply nested, not an object).",
+            "as a whole (too large, too deeply nested, not an object). For an event the tracking plan rejects "
+            "(TRACKING_PLAN_MODE reject), the keys are JSON pointers into the event (`/payload/amount`, `/type`) "
+            "and the messages its violations'.",
         },
     },
     "required": ["index", "errors"],
     "additionalProperties": False,
 }
 REJECTED = {"type": "array", "items": _ref("Rejection"), "minItems": 1}
+VIOLATION = {
+    "type": "object",
+    "description": "One way an event breaks the tracking plan: where, and which rule. Never the value.",
+    "properties": {
+        "path": {"type": "string", "description": "A JSON pointer into the event: `/type`, or under `/payload`."},
+        "message": {"type": "string", "minLength": 1},
+    },
+    "required": ["path", "message"],
+    "additionalProperties": False,
+}
+FLAGGING = {
+    "type": "object",
+    "description": "An accepted event that breaks the tracking plan (TRACKING_PLAN_MODE flag): written, with its "
+    "`plan_violations` on its line too.",
+    "properties": {
+        "index": {**NON_NEGATIVE, "description": "Its index in `events`."},
+        "id": {"type": "string", "maxLength": MAX_ID_LENGTH, "description": "The event's own `id`, as in `rejected`."},
+        "plan_violations": {"type": "array", "items": _ref("Violation"), "minItems": 1},
+    },
+    "required": ["index", "plan_violations"],
+    "additionalProperties": False,
+}
+TRACKING_PLAN = {
+    "type": "object",
+    "description": "The tracking plan in force: how it is enforced, and the JSON Schema (draft 2020-12) of each "
+    "event type's `payload`. Without TRACKING_PLAN: mode `off`, no types.",
+    "properties": {
+        "mode": {"enum": ["off", "flag", "reject"], "description": "What a payload that breaks its schema gets."},
+        "unplanned": {"enum": ["allow", "flag", "reject"], "description": "What a type not in `types` gets."},
+        "types": {"type": "object", "additionalProperties": {"type": ["object", "boolean"]}},
+    },
+    "required": ["mode", "unplanned", "types"],
+    "additionalProperties": False,
+}
 SUCCESS = {
     "type": "object",
     "description": "The valid events are written; the invalid ones, if any, are listed.",
@@ -153,6 +189,12 @@ SUCCESS = {
             **REJECTED,
             "description": "Present only when some elements were invalid: `received` + its length = the number "
             "of elements.",
+        },
+        "flagged": {
+            "type": "array",
+            "items": _ref("Flagging"),
+            "minItems": 1,
+            "description": "Present only when the tracking plan flags some accepted events.",
         },
     },
     "required": ["success", "received"],
@@ -256,6 +298,13 @@ ERROR_BODIES = (
         extra={"supported": {"const": ENCODINGS}},
     ),
     ErrorBody(
+        "TooManyRequests",
+        429,
+        (messages.TOO_MANY_REQUESTS,),
+        "RATE_LIMIT is set and this client address has used it up: nothing was read or written. Retry after "
+        "Retry-After seconds, when its window ends.",
+    ),
+    ErrorBody(
         "ServerError",
         500,
         (messages.LOG_WRITE_FAILED, messages.INTERNAL_ERROR),
@@ -330,6 +379,9 @@ def _register_components(spec: APISpec, config: Mapping[str, Any]) -> None:
     spec.components.schema("Batch", batch, schema=BatchSchema)
     spec.components.schema("Rejection", REJECTION)
     spec.components.schema("Success", SUCCESS)
+    spec.components.schema("Violation", VIOLATION)
+    spec.components.schema("Flagging", FLAGGING)
+    spec.components.schema("TrackingPlan", TRACKING_PLAN)
     for body in ERROR_BODIES:
         spec.components.schema(body.name, body.schema())
     spec.components.schema("Health", _status_body(status="ok"))
@@ -402,7 +454,10 @@ def _ingest_operations(config: Mapping[str, Any]) -> dict[str, Any]:
             "summary": "Ingest a batch of analytics events",
             "description": "Every accepted event is written as one JSON line to each sink in SINKS (stdout by "
             "default; a JetStream stream with nats) before the 200 is sent. A batch is checked whole before "
-            "anything is written.",
+            "anything is written. A line holds the event and the request's context: batch_timestamp, received_at, "
+            "request_id, client_ip (anonymized unless CLIENT_IP says full or none), and as the settings say "
+            "derived_timestamp (the event's time corrected for the client's clock), visitor_id, ua and bot. "
+            "Batches from bots under BOTS=drop and from EXCLUDE_IPS are answered as any other and not written.",
             "operationId": "ingest",
             # Content-Encoding is described with the body, not as a parameter: a parameter would say any of its
             # values goes with any body, and a gzip body is another body.
@@ -428,9 +483,11 @@ def _ingest_operations(config: Mapping[str, Any]) -> dict[str, Any]:
                     "PayloadTooLarge",
                     "TooManyEvents",
                     "UnsupportedEncoding",
+                    # Only with a limit: without one the service never answers 429.
+                    *(["TooManyRequests"] if config["RATE_LIMIT"] else []),
                     "ServerError",
                     "EventStoreUnavailable",
-                    headers={503: {"Retry-After": "RetryAfter"}},
+                    headers={429: {"Retry-After": "RetryAfter"}, 503: {"Retry-After": "RetryAfter"}},
                 ),
             },
         },
@@ -553,6 +610,21 @@ def build_spec(config: Mapping[str, Any]) -> dict[str, Any]:
                 "200": _response("The OpenAPI document.", _json({"type": "object", "required": ["openapi", "paths"]})),
                 **_errors("OriginNotAllowed"),
             },
+            parameters=["Origin"],
+        ),
+    )
+    spec.path(
+        path="/api/tracking-plan",
+        parameters=request_id,
+        operations=_get(
+            "trackingPlan",
+            "The tracking plan in force",
+            {
+                "200": _response("The plan: its modes and each type's payload schema.", _json(_ref("TrackingPlan"))),
+                **_errors("OriginNotAllowed"),
+            },
+            description="What TRACKING_PLAN holds, for clients and tools to check events against "
+            "(docs/tracking-plan.md).",
             parameters=["Origin"],
         ),
     )

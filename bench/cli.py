@@ -89,10 +89,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     parser.add_argument(
         "--sink",
-        choices=("stdout", "nats"),
+        choices=("stdout", "nats", "kafka"),
         action="append",
-        help="where each service writes (ANALYTICS_SINKS): stdout, or nats (a local nats-server, started for the run); "
-        "repeat to measure both side by side (default stdout)",
+        help="where each service writes (ANALYTICS_SINKS): stdout, nats (a local nats-server, started for the run) or "
+        "kafka (a local Tansu broker, likewise); repeat to measure them side by side (default stdout)",
     )
     parser.add_argument(
         "--variant",

@@ -44,6 +44,7 @@ if not __package__:
 
 from bench import ROOT, BenchError  # noqa: E402
 from bench.cli import Options, parse_args  # noqa: E402
+from bench.kafkastore import KafkaStore  # noqa: E402
 from bench.measure import Measurement, Profiler, measure, measure_rss  # noqa: E402
 from bench.natsstore import NatsStore  # noqa: E402
 from bench.payloads import make_body, make_large_body  # noqa: E402
@@ -81,12 +82,27 @@ def run(options: Options, workdir: Path, profiler: Profiler | None) -> tuple[lis
             nats = NatsStore(workdir)
             stack.callback(nats.stop)
             nats.start()
+        kafka = None
+        if any(spec.sink == "kafka" for spec in specs):
+            kafka = KafkaStore(workdir)
+            stack.callback(kafka.stop)
+            kafka.start()
         servers = []
         for spec in specs:
             if spec.sink == "nats":
                 assert nats
                 nats.add_stream(spec.stream, spec.subject)
-            server = Server(spec, workdir, options.server_cpu, options.code, nats if spec.sink == "nats" else None)
+            if spec.sink == "kafka":
+                assert kafka
+                kafka.add_topic(spec.topic)
+            server = Server(
+                spec,
+                workdir,
+                options.server_cpu,
+                options.code,
+                nats if spec.sink == "nats" else None,
+                kafka if spec.sink == "kafka" else None,
+            )
             stack.callback(server.stop)
             server.start()
             servers.append(server)

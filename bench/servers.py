@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import MIB, ROOT, BenchError
+from bench.kafkastore import KafkaStore
 from bench.natsstore import NatsStore
 
 BIN = Path(sys.executable).parent
@@ -78,6 +79,11 @@ class ServerSpec:
     def subject(self) -> str:
         return "bench." + self.slug
 
+    @property
+    def topic(self) -> str:
+        """The Kafka topic of a service with the kafka sink."""
+        return "bench-" + self.slug
+
 
 FLOOR_SPEC = ServerSpec("floor")
 
@@ -127,13 +133,22 @@ class Server:
     """One gunicorn (master and one worker) pinned to a CPU, its stdout counted through a pipe (or its stream)."""
 
     def __init__(
-        self, spec: ServerSpec, workdir: Path, cpu: int | None, code: Path = ROOT, nats: NatsStore | None = None
+        self,
+        spec: ServerSpec,
+        workdir: Path,
+        cpu: int | None,
+        code: Path = ROOT,
+        nats: NatsStore | None = None,
+        kafka: KafkaStore | None = None,
     ) -> None:
         if (spec.sink == "nats") != (nats is not None):
             raise ValueError("a server with the nats sink, and only one, needs the NATS store")
+        if (spec.sink == "kafka") != (kafka is not None):
+            raise ValueError("a server with the kafka sink, and only one, needs the Kafka store")
         self.spec = spec
         self.code = code
         self.nats = nats
+        self.kafka = kafka
         self.port = free_port()
         self.stderr_path = workdir / f"{spec.slug}.stderr"
         self.cpu = cpu
@@ -164,6 +179,10 @@ class Server:
             env["ANALYTICS_NATS_SERVERS"] = self.nats.url
             env["ANALYTICS_NATS_STREAM"] = self.spec.stream
             env["ANALYTICS_NATS_SUBJECT"] = self.spec.subject
+        if self.kafka:
+            env["ANALYTICS_SINKS"] = self.spec.sink
+            env["ANALYTICS_KAFKA_BOOTSTRAP_SERVERS"] = self.kafka.bootstrap
+            env["ANALYTICS_KAFKA_TOPIC"] = self.spec.topic
         for name, value in self.spec.settings:
             env[f"ANALYTICS_{name}"] = value
         return env
@@ -190,7 +209,7 @@ class Server:
         """Wait until /healthz answers 200 (/readyz with the nats sink: once connected to it)."""
         assert self.process
         deadline = time.monotonic() + timeout
-        probe = "/readyz" if self.nats else "/healthz"
+        probe = "/readyz" if self.nats or self.kafka else "/healthz"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise BenchError(f"{self.spec.label} exited:\n{self.stderr_tail()}")
@@ -236,13 +255,15 @@ class Server:
         stdout, or messages stored in its stream with the nats sink."""
         if self.nats:
             return self.nats.settle(self.spec.stream, quiet)
+        if self.kafka:
+            return self.kafka.settle(self.spec.topic, quiet)
         assert self.counter
         return self.counter.settle(quiet)
 
     @property
     def written(self) -> str:
         """What ``stored`` counts, for messages."""
-        return "events stored" if self.nats else "event lines"
+        return "events stored" if self.nats or self.kafka else "event lines"
 
     def worker_pid(self) -> int:
         """The pid of the one worker: the master's only child."""

@@ -155,6 +155,7 @@ OPERATIONS = [
     ("/api/analytics", "POST"),
     ("/api/analytics", "OPTIONS"),
     ("/api/openapi.json", "GET"),
+    ("/api/tracking-plan", "GET"),
     ("/healthz", "GET"),
     ("/readyz", "GET"),
     ("/analytics.js", "GET"),

@@ -341,8 +341,8 @@ def test_an_event_larger_than_the_server_takes_is_a_503_before_anything_is_sent(
     [
         (
             "ANALYTICS_SINKS",
-            "stdout,kafka",
-            "SINKS must be one or both of stdout, nats, each once, not ['stdout', 'kafka']",
+            "stdout,redis",
+            "SINKS must be one or more of stdout, nats, kafka, each once, not ['stdout', 'redis']",
         ),
         ("ANALYTICS_NATS_SERVERS", "nats://127.0.0.1:4222,127.0.0.1:4223", "NATS_SERVERS: '127.0.0.1:4223' is not"),
         ("ANALYTICS_NATS_STREAM", "analytics.events", "NATS_STREAM must be a stream name"),

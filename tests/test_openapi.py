@@ -39,6 +39,7 @@ EXPECTED_OPERATIONS = {
     ("/api/analytics", "post"): {"200", "400", "403", "408", "413", "415", "500", "503"},
     ("/api/analytics", "options"): {"204", "403"},
     ("/api/openapi.json", "get"): {"200", "403"},
+    ("/api/tracking-plan", "get"): {"200", "403"},
     ("/healthz", "get"): {"200"},
     ("/readyz", "get"): {"200", "503"},
     ("/analytics.js", "get"): {"200", "302", "304"},
@@ -426,6 +427,7 @@ REQUESTS: list[tuple[str, str, str, dict[str, Any], int, Any]] = [
     ("preflight", "/api/analytics", "OPTIONS", {"headers": PREFLIGHT}, 204, None),
     ("health", "/healthz", "GET", {}, 200, {"status": "ok"}),
     ("ready", "/readyz", "GET", {}, 200, {"status": "ready"}),
+    ("tracking-plan", "/api/tracking-plan", "GET", {}, 200, {"mode": "off", "unplanned": "allow", "types": {}}),
 ]
 
 
@@ -485,6 +487,7 @@ REFUSED_ORIGIN = [
     ("/api/analytics", "POST", post(ONE)),
     ("/api/analytics", "OPTIONS", {"headers": {"Access-Control-Request-Method": "POST"}}),
     ("/api/openapi.json", "GET", {}),
+    ("/api/tracking-plan", "GET", {}),
 ]
 
 

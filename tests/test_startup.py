@@ -26,6 +26,7 @@ def run_gunicorn(env: dict[str, str], timeout: float = 60) -> subprocess.Complet
         ("ANALYTICS_TRUSTED_PROXIES", "10.0.0.1,nginx", "TRUSTED_PROXIES: 'nginx' is not an address"),
         ("ANALYTICS_CORS_ORIGINS", "https://shop.example/", "CORS_ORIGINS: 'https://shop.example/' is not an origin"),
         ("ANALYTICS_REDACT_KEYS", " , ", "REDACT_KEYS"),
+        ("ANALYTICS_METRICS_ALLOW", "10.0.0.0/8,prometheus", "METRICS_ALLOW: 'prometheus' is not an address"),
     ],
 )
 def test_bad_setting_stops_gunicorn_with_one_line(variable, value, named):
