@@ -375,6 +375,26 @@ def test_no_count_of_an_earlier_run_leaks_into_the_next(start_server, tmp_path):
     assert metrics_dirs(tmp_path / "second") == []
 
 
+@pytest.mark.skipif(not os.access("/dev/shm", os.W_OK | os.X_OK), reason="no writable /dev/shm here")
+def test_the_metrics_directory_is_in_memory_unless_tmpdir_says_otherwise(start_server):
+    """Without TMPDIR the workers' files are in /dev/shm, where writing them never waits for a disk."""
+    server = start_server(workers=1, env={"TMPDIR": ""})
+    assert server.post("/api/analytics", b'{"events": [{"type": "shm"}]}')[0] == 200
+    assert server.process
+    master = Path(f"/proc/{server.process.pid}/fd")
+    # The master made the files' directory, and holds files in it open (its own, empty values).
+    targets = set()
+    for fd in master.iterdir():
+        try:
+            targets.add(os.readlink(fd))
+        except OSError:
+            pass  # closed since the listing
+    [directory] = {Path(target).parent for target in targets if "/analytics-metrics-" in target}
+    assert directory.parent == Path("/dev/shm")
+    assert server.stop() == 0
+    assert not directory.exists()
+
+
 def test_a_refused_start_leaves_no_metrics_directory(tmp_path):
     """A bad setting stops gunicorn in the master; the directory it made for the workers goes with it."""
     environment = {**os.environ, "TMPDIR": str(tmp_path), "ANALYTICS_METRICS_ALLOW": "internal", "PORT": "0"}
