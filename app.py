@@ -35,13 +35,15 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
     app.json = OrjsonProvider(app)
     load_config(app, config)
+    # Refused at start, not answered with a 500 on every batch while /healthz says ok. Checked before anything
+    # opens a file: a stdout closed at exec leaves its number free, and the first file opened (the metrics'
+    # own, say) would take it, and every event line after it.
+    if "stdout" in app.config["SINKS"]:
+        check_writable(STDOUT)
     register_request_ids(app)
     register_metrics(app)
     register_cors(app, app.config["CORS_ORIGINS"])
     register_rate_limit(app)
-    # Refused at start, not answered with a 500 on every batch while /healthz says ok.
-    if "stdout" in app.config["SINKS"]:
-        check_writable(STDOUT)
     register_extensions(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(client.bp)
