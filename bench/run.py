@@ -78,8 +78,8 @@ def run(options: Options, workdir: Path, profiler: Profiler | None) -> tuple[lis
     memory: list[dict[str, Any]] = []
     with ExitStack() as stack:
         nats = None
-        if any(spec.sink == "nats" for spec in specs):
-            nats = NatsStore(workdir)
+        if streams := sum(spec.sink == "nats" for spec in specs):
+            nats = NatsStore(workdir, streams)
             stack.callback(nats.stop)
             nats.start()
         kafka = None
