@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -403,6 +404,26 @@ def test_a_refused_start_leaves_no_metrics_directory(tmp_path):
     )
     assert run.returncode == 1
     assert "analytics: cannot start: METRICS_ALLOW: 'internal' is not an address or a CIDR network" in run.stderr
+    assert metrics_dirs(tmp_path) == []
+
+
+def test_a_start_that_cannot_bind_leaves_no_metrics_directory(tmp_path):
+    """gunicorn that cannot bind its port gives up without its on_exit hook; the directory goes all the same."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        environment = {**os.environ, "TMPDIR": str(tmp_path), "WEB_CONCURRENCY": "1"}
+        run = subprocess.run(
+            [str(GUNICORN), "wsgi:app", "--bind", f"127.0.0.1:{port}"],
+            cwd=ROOT,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert run.returncode == 1
+    assert "Can't connect to" in run.stderr
     assert metrics_dirs(tmp_path) == []
 
 
