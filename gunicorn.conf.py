@@ -1,5 +1,6 @@
 """gunicorn settings for every deployment: `gunicorn wsgi:app` picks this file up."""
 
+import atexit
 import os
 import shutil
 import sys
@@ -68,16 +69,20 @@ def on_starting(server: object) -> None:
     First, the workers' metrics directory (analytics/metrics.py): set before
     create_app imports prometheus_client, which chooses at import whether to keep
     values in files; new and empty at every start, so no file of an earlier run
-    (say, one killed before on_exit) adds to the counts.
+    (say, one killed outright) adds to the counts. Removed as the master exits,
+    however it does short of SIGKILL: also when it cannot bind, which ends
+    gunicorn without its on_exit hook.
     """
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="analytics-metrics-", dir=metrics_parent())
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
+        prefix="analytics-metrics-", dir=metrics_parent()
+    )
+    atexit.register(remove_metrics_directory, os.getpid(), directory)
     from app import create_app
 
     try:
         create_app()
     except (SettingsError, StdoutNotWritableError) as error:
         sys.stderr.write(f"analytics: cannot start: {error}\n")
-        on_exit(server)
         sys.exit(1)
 
 
@@ -100,6 +105,7 @@ def child_exit(server: object, worker: Any) -> None:
     worker_gone(worker.pid)
 
 
-def on_exit(server: object) -> None:
-    """Remove the workers' metrics directory as gunicorn ends."""
-    shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+def remove_metrics_directory(master: int, directory: str) -> None:
+    """Remove the workers' metrics directory, in the master only: forked workers inherit this exit handler."""
+    if os.getpid() == master:
+        shutil.rmtree(directory, ignore_errors=True)
