@@ -27,9 +27,18 @@ the background and for ever, so a worker boots whether or not Kafka is up.
 Readiness comes from librdkafka's statistics (every ``STATS_INTERVAL``): ready
 once a broker is up and the idempotent producer has its producer id; a report
 that all brokers are down makes it unready at once. A fatal error leaves an
-idempotent producer unusable by design, and one that is connected but has
-every record time out batch after batch (a broker that forgot its producer id)
-is stuck: either is replaced by a new producer.
+idempotent producer unusable by design; one whose records the broker refuses
+for its producer id or epoch (fenced, unknown), or that is connected but has
+every record time out batch after batch, is stuck: each is replaced by a new
+producer, which gets a new producer id.
+
+A successful delivery report counts only with an offset. librdkafka reports a
+broker's "duplicate sequence number" answer as a success without one: the
+broker says it already has those records, under the producer id and sequence
+numbers this producer sent. After a broker lost its state and gave this
+producer's id to another producer, that answer is false (the records were
+never stored), so a batch with such a report is answered 503 and the producer,
+whose id the broker no longer knows as its own, is replaced.
 """
 
 import logging
@@ -37,7 +46,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -74,6 +83,16 @@ FIRST_TRY_WAIT = 2.0
 STALLED_BATCHES = 3
 # Seconds between two such replacements, so that a broker refusing everything does not have producers churn.
 REPLACE_INTERVAL = 10.0
+# A broker's refusals of the producer's id or epoch: the producer is replaced at the first (see _note_failure).
+PRODUCER_ID_REFUSALS = frozenset(
+    {
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.INVALID_PRODUCER_ID_MAPPING,
+    }
+)
 # Flushing a worker's producer at exit.
 CLOSE_TIMEOUT = 5.0
 
@@ -120,14 +139,16 @@ def record_key(event: Mapping[str, Any]) -> bytes | None:
 class _Deliveries:
     """The delivery reports one batch waits for: ``done`` is set once every record has one."""
 
-    __slots__ = ("expected", "received", "failures", "done", "lock")
+    __slots__ = ("expected", "received", "failures", "done", "lock", "on_unconfirmed")
 
-    def __init__(self, expected: int) -> None:
+    def __init__(self, expected: int, on_unconfirmed: Callable[[], None]) -> None:
         self.expected = expected
         self.received = 0
         self.failures: list[KafkaError] = []
         self.done = threading.Event()
         self.lock = threading.Lock()
+        # Called for a success without an offset (see the module's docstring).
+        self.on_unconfirmed = on_unconfirmed
 
     def report(self, error: KafkaError | None, message: Message) -> None:
         """librdkafka's delivery report for one record (in the serving thread)."""
@@ -135,6 +156,8 @@ class _Deliveries:
             self.received += 1
             if error is not None:
                 self.failures.append(error)
+            elif message.offset() is None:
+                self.on_unconfirmed()
             if self.received == self.expected:
                 self.done.set()
 
@@ -164,9 +187,11 @@ class KafkaSink:
         self._replace_reason: str | None = None
         # Batches in a row that timed out while connected, and when the producer was last replaced for that.
         self._stalled = 0
-        self._last_replaced = 0.0
+        self._last_replaced = -REPLACE_INTERVAL
         # Connection errors logged since the producer was last ready: a long outage is a line per error, not per try.
         self._logged_errors: set[str] = set()
+        # Successful delivery reports without an offset so far: a batch that saw this change is not answered 200.
+        self._unconfirmed = 0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "KafkaSink":
@@ -229,8 +254,12 @@ class KafkaSink:
             raise SinkUnavailableError(reason)
         producer = self._producer
         assert producer is not None
-        deliveries = _Deliveries(len(batch.lines))
+        deliveries = _Deliveries(len(batch.lines), self._on_unconfirmed)
         report = deliveries.report
+        # Counted sink-wide, not per batch: librdkafka gives the records of a message set the broker called a
+        # duplicate the offsets -1, 0, 1, ..., so only its first record has none, and that record may be a
+        # previous batch's (one that timed out) sent in one request with this batch's.
+        unconfirmed = self._unconfirmed
         topic = self.topic
         try:
             for event, line in zip(batch.events, batch.lines, strict=True):
@@ -257,25 +286,48 @@ class KafkaSink:
                 f"Kafka did not take {len(deliveries.failures)} of {deliveries.expected} records: "
                 f"{deliveries.failures[0].str()}"
             )
+        if self._unconfirmed != unconfirmed:
+            raise SinkUnavailableError("Kafka answered that it already had records, without saying where it has them")
         self._stalled = 0
 
     def _note_failure(self, failures: list[KafkaError]) -> None:
-        """Have the producer replaced once STALLED_BATCHES batches in a row timed out although it was connected.
+        """Have the producer replaced when the broker no longer takes its producer id, or stalls it.
 
-        A producer can be connected and still never deliver: a broker that lost its state (a restart without
-        storage) no longer knows the producer id, and librdkafka, which then only bumps the id's epoch itself,
-        retries until every record times out, for ever. A new producer asks the broker for a new id. Against
-        a broker that refuses everything for another reason, replacing costs a reconnection every
-        REPLACE_INTERVAL seconds at most.
+        Some refusals say the broker no longer takes this producer's id or epoch (PRODUCER_ID_REFUSALS): a
+        broker that lost its state no longer knows the id; Tansu answers PRODUCER_FENCED to every later record
+        of a producer some of whose records timed out in flight while its connection was cut. librdkafka retries
+        none of them into success, so the producer is replaced at the first. A producer can also be connected
+        and still never deliver, every record timing out: it is replaced once STALLED_BATCHES batches in a row
+        did. A new producer asks the broker for a new id. Against a broker that refuses everything, replacing
+        costs a reconnection every REPLACE_INTERVAL seconds at most.
         """
-        if not all(failure.code() == KafkaError._MSG_TIMED_OUT for failure in failures):
+        codes = {failure.code() for failure in failures}
+        refusals = codes & PRODUCER_ID_REFUSALS
+        if refusals:
+            self._stalled = 0
+            self._request_replacement(f"Kafka refused the producer id ({KafkaError(min(refusals)).name()})")
+            return
+        if codes != {KafkaError._MSG_TIMED_OUT}:
             return
         self._stalled += 1
-        now = time.monotonic()
-        if self._stalled >= STALLED_BATCHES and now - self._last_replaced > REPLACE_INTERVAL:
-            self._last_replaced = now
+        if self._stalled >= STALLED_BATCHES and self._request_replacement(
+            f"{STALLED_BATCHES} batches in a row timed out while connected"
+        ):
             self._stalled = 0
-            self._replace_reason = f"{STALLED_BATCHES} batches in a row timed out while connected"
+
+    def _on_unconfirmed(self) -> None:
+        """A record reported delivered without an offset (serving thread): fail its batch, replace the producer."""
+        self._unconfirmed += 1
+        self._request_replacement("Kafka called new records duplicates (a producer id it gave another producer)")
+
+    def _request_replacement(self, reason: str) -> bool:
+        """Have the serving thread replace the producer, unless it was replaced less than REPLACE_INTERVAL ago."""
+        now = time.monotonic()
+        if now - self._last_replaced <= REPLACE_INTERVAL:
+            return False
+        self._last_replaced = now
+        self._replace_reason = self._replace_reason or reason
+        return True
 
     def close(self) -> None:
         """Flush this process's producer (bounded by CLOSE_TIMEOUT) and stop the thread serving it."""

