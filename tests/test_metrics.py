@@ -328,6 +328,8 @@ def test_counters_equal_the_event_log_after_a_multi_worker_load(start_server):
     """Four workers under concurrent load: events accepted are the lines on stdout, events dropped the entries
     answered in ``rejected`` (by reason), and batches, bytes, answers and sink writes are the requests made."""
     server = start_server(workers=4)
+    # The server answers once one worker has booted; on a busy machine the others may take a while longer.
+    wait_until(lambda: value(samples_of(server), "analytics_workers") == 4, "all four workers booted")
     batches = make_batches(160, tag="mx")
     outcomes = run_load(server.port, batches, concurrency=16)
     assert [summarize(outcome) for outcome in outcomes] == [expected_answer(batch) for batch in batches]
@@ -440,6 +442,8 @@ def test_a_dead_workers_counts_stay_and_its_gauge_goes(start_server):
     """A worker killed outright: what it counted stays in the sums once gunicorn has replaced it, and
     analytics_workers counts the workers alive, not the dead one too."""
     server = start_server(workers=2)
+    # The server answers once one worker has booted; on a busy machine the other may take a while longer.
+    wait_until(lambda: value(samples_of(server), "analytics_workers") == 2, "both workers booted")
     one_event = b'{"events": [{"type": "counted"}]}'
     # The victim's request holds three events: its counts show in the sums as no other request's could.
     victim = served_by(server, b'{"events": [{"type": "counted"}, {"type": "counted"}, {"type": "counted"}]}')
