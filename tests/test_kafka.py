@@ -8,8 +8,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,13 +21,12 @@ from analytics.eventlog import Batch, SinkUnavailableError
 from analytics.kafka import REPORT_SLACK, KafkaSink, record_key
 from app import create_app
 from tests.harness.clients import send
+from tests.harness.engines import UNAVAILABLE, get, post, stderr_lines, stdout_lines, wait_for
 from tests.harness.gunicorn import GUNICORN, ROOT, Server, free_port
 from tests.harness.kafka import KafkaBroker, create_topic, read_topic, running_broker
-from tests.harness.lines import strict_json
 from tests.harness.load import expected_answer, make_batches, run_load, summarize
 
 TOPIC = "analytics-events"
-UNAVAILABLE = (503, {"error": "Event store unavailable"})
 # The ack timeout of the outage tests: short, so that they last seconds.
 ACK_TIMEOUT = 1.0
 # Beyond the ack timeout and the sink's slack, what an answer may take on a busy machine (scheduling). Far
@@ -49,43 +46,6 @@ def kafka_env(broker: KafkaBroker, sinks: str = "kafka", **settings: str) -> dic
     env = {"ANALYTICS_SINKS": sinks, "ANALYTICS_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap}
     env.update({f"ANALYTICS_{name}": value for name, value in settings.items()})
     return env
-
-
-def post(server: Server, events: list[dict[str, Any]]) -> tuple[int, dict[str, str], Any]:
-    """POST a batch of ``events``."""
-    return send(server.port, orjson.dumps({"events": events}))
-
-
-def get(server: Server, path: str) -> tuple[int, Any]:
-    """GET ``path``: the status and the JSON body, errors too."""
-    try:
-        with urllib.request.urlopen(server.url + path, timeout=30) as response:
-            return response.status, strict_json(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, strict_json(error.read())
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``condition`` every 50 ms until it returns something true; that value, or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} within {timeout} s"
-        time.sleep(0.05)
-
-
-def stdout_lines(server: Server) -> list[bytes]:
-    """The server's stdout lines without their newlines (the server has been stopped)."""
-    out = bytes(server.stdout)
-    assert out == b"" or out.endswith(b"\n")
-    return out.split(b"\n")[:-1]
-
-
-def stderr_lines(server: Server) -> list[dict[str, Any]]:
-    """The JSON lines gunicorn and the service wrote to stderr."""
-    return [json.loads(line) for line in server.stderr_path.read_text().splitlines() if line.startswith("{")]
 
 
 def test_record_key_is_the_user_else_the_session_else_none():

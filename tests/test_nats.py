@@ -8,10 +8,8 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +19,13 @@ import pytest
 from analytics.jetstream import message_id, subject_matches
 from app import create_app
 from tests.harness.clients import send
-from tests.harness.gunicorn import GUNICORN, ROOT, Server, free_port
-from tests.harness.lines import strict_json
+from tests.harness.engines import UNAVAILABLE, get, post, stderr_lines, stdout_lines, wait_for
+from tests.harness.gunicorn import GUNICORN, ROOT, free_port
 from tests.harness.load import expected_answer, make_batches, run_load, summarize
 from tests.harness.nats import NatsServer, delete_stream, put_stream, read_stream, running_server, stream_info
 
 STREAM = "ANALYTICS"
 SUBJECT = "analytics.events"
-UNAVAILABLE = (503, {"error": "Event store unavailable"})
 
 
 @pytest.fixture
@@ -43,43 +40,6 @@ def nats_env(nats: NatsServer, sinks: str = "nats", **settings: str) -> dict[str
     env = {"ANALYTICS_SINKS": sinks, "ANALYTICS_NATS_SERVERS": nats.url}
     env.update({f"ANALYTICS_{name}": value for name, value in settings.items()})
     return env
-
-
-def post(server: Server, events: list[dict[str, Any]]) -> tuple[int, dict[str, str], Any]:
-    """POST a batch of ``events``."""
-    return send(server.port, orjson.dumps({"events": events}))
-
-
-def get(server: Server, path: str) -> tuple[int, Any]:
-    """GET ``path``: the status and the JSON body, errors too."""
-    try:
-        with urllib.request.urlopen(server.url + path, timeout=30) as response:
-            return response.status, strict_json(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, strict_json(error.read())
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``condition`` every 50 ms until it returns something true; that value, or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} within {timeout} s"
-        time.sleep(0.05)
-
-
-def stdout_lines(server: Server) -> list[bytes]:
-    """The server's stdout lines without their newlines (the server has been stopped)."""
-    out = bytes(server.stdout)
-    assert out == b"" or out.endswith(b"\n")
-    return out.split(b"\n")[:-1]
-
-
-def stderr_lines(server: Server) -> list[dict[str, Any]]:
-    """The JSON lines gunicorn and the service wrote to stderr."""
-    return [json.loads(line) for line in server.stderr_path.read_text().splitlines() if line.startswith("{")]
 
 
 @pytest.mark.parametrize(
