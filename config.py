@@ -161,7 +161,13 @@ def check_settings(settings: dict) -> None:
         value = settings[name]
         if type(value) is not int or value < 1:
             raise SettingsError(f"{name} must be a positive integer, not {value!r}")
-    for name in ("LOG_WRITE_TIMEOUT", "BODY_READ_TIMEOUT", "NATS_DUPLICATE_WINDOW", "NATS_ACK_TIMEOUT"):
+    for name in (
+        "LOG_WRITE_TIMEOUT",
+        "BODY_READ_TIMEOUT",
+        "NATS_DUPLICATE_WINDOW",
+        "NATS_ACK_TIMEOUT",
+        "KAFKA_ACK_TIMEOUT",
+    ):
         value = settings[name]
         # NaN, infinity and 1e308 parse as JSON numbers; a socket timeout under a millisecond is none at all.
         if type(value) not in (int, float) or not MIN_SECONDS <= value <= MAX_SECONDS:
@@ -178,6 +184,7 @@ def check_settings(settings: dict) -> None:
         "CORS_ORIGINS",
         "SINKS",
         "NATS_SERVERS",
+        "KAFKA_BOOTSTRAP_SERVERS",
         "METRICS_ALLOW",
         "EXCLUDE_IPS",
     ):
@@ -195,11 +202,12 @@ def check_settings(settings: dict) -> None:
             # Without a letter or a digit an entry would match nothing a key is made of.
             if not any(char.isalnum() for char in entry):
                 raise SettingsError(f"{name}: {entry!r} is not a word (it has no letter or digit)")
-    for entry in settings["TRUSTED_PROXIES"]:
-        try:
-            ipaddress.ip_network(entry, strict=False)
-        except ValueError:
-            raise SettingsError(f"TRUSTED_PROXIES: {entry!r} is not an address or a CIDR network") from None
+    for name in ("TRUSTED_PROXIES", "METRICS_ALLOW", "EXCLUDE_IPS"):
+        for entry in settings[name]:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise SettingsError(f"{name}: {entry!r} is not an address or a CIDR network") from None
     if settings["CORS_ORIGINS"] != "*":
         for origin in settings["CORS_ORIGINS"]:
             if not ORIGIN_PATTERN.fullmatch(origin):
@@ -286,14 +294,9 @@ def hide_password(url: str) -> str:
 
 
 def check_metrics_settings(settings: dict) -> None:
-    """METRICS_ALLOW (its type already checked): at least one network, each an address or a CIDR network."""
+    """METRICS_ALLOW (its type and entries already checked): at least one network."""
     if not settings["METRICS_ALLOW"]:
         raise SettingsError("METRICS_ALLOW must name at least one network (METRICS=false turns metrics off)")
-    for entry in settings["METRICS_ALLOW"]:
-        try:
-            ipaddress.ip_network(entry, strict=False)
-        except ValueError:
-            raise SettingsError(f"METRICS_ALLOW: {entry!r} is not an address or a CIDR network") from None
 
 
 def check_tracking_plan_settings(settings: dict) -> None:
@@ -317,27 +320,20 @@ def check_tracking_plan_settings(settings: dict) -> None:
 
 
 def check_kafka_settings(settings: dict) -> None:
-    """The KAFKA_* settings: checked whatever SINKS holds.
+    """The KAFKA_* settings (the servers' and the timeout's types already checked): checked whatever SINKS holds.
 
     KAFKA_CONFIG's values are never put in an error: it holds passwords. librdkafka checks
     its names and values when the app is built with the kafka sink (analytics.kafka).
     """
     servers = settings["KAFKA_BOOTSTRAP_SERVERS"]
-    if isinstance(servers, str):
-        servers = settings["KAFKA_BOOTSTRAP_SERVERS"] = [item.strip() for item in servers.split(",") if item.strip()]
-    if not isinstance(servers, list | tuple) or not servers:
+    if not servers:
         raise SettingsError(f"KAFKA_BOOTSTRAP_SERVERS must name at least one broker (host:port), not {servers!r}")
     for server in servers:
-        if not isinstance(server, str) or not KAFKA_SERVER_PATTERN.fullmatch(server):
+        if not KAFKA_SERVER_PATTERN.fullmatch(server):
             raise SettingsError(f"KAFKA_BOOTSTRAP_SERVERS: {server!r} is not a broker address (host:port)")
     topic = settings["KAFKA_TOPIC"]
     if not isinstance(topic, str) or not TOPIC_PATTERN.fullmatch(topic) or topic in (".", ".."):
         raise SettingsError(f"KAFKA_TOPIC must be a topic name (letters, digits, '.', '_' and '-'), not {topic!r}")
-    timeout = settings["KAFKA_ACK_TIMEOUT"]
-    if type(timeout) not in (int, float) or not MIN_SECONDS <= timeout <= MAX_SECONDS:
-        raise SettingsError(
-            f"KAFKA_ACK_TIMEOUT must be a number of seconds from {MIN_SECONDS} to {MAX_SECONDS}, not {timeout!r}"
-        )
     client_config = settings["KAFKA_CONFIG"]
     if not isinstance(client_config, dict):
         raise SettingsError("KAFKA_CONFIG must be a JSON object of librdkafka settings")
@@ -349,7 +345,7 @@ def check_kafka_settings(settings: dict) -> None:
 
 
 def check_enrichment_settings(settings: dict) -> None:
-    """CLIENT_IP, VISITOR_ID_SECRET, BOTS and EXCLUDE_IPS (the types of the others already checked).
+    """CLIENT_IP, VISITOR_ID_SECRET and BOTS (the others, EXCLUDE_IPS's entries too, already checked).
 
     LOG_CLIENT_IP, which CLIENT_IP replaced, stops the start rather than being half obeyed. The
     secret's value is never put in an error: errors are logged.
@@ -375,11 +371,6 @@ def check_enrichment_settings(settings: dict) -> None:
         raise SettingsError(f"BOTS must be keep or drop, not {settings['BOTS']!r}")
     if settings["BOTS"] == "drop" and not settings["PARSE_USER_AGENT"]:
         raise SettingsError("BOTS is drop but PARSE_USER_AGENT is false: bots are known by parsing the user agent")
-    for entry in settings["EXCLUDE_IPS"]:
-        try:
-            ipaddress.ip_network(entry, strict=False)
-        except ValueError:
-            raise SettingsError(f"EXCLUDE_IPS: {entry!r} is not an address or a CIDR network") from None
 
 
 def browser_origin(origin: str) -> str:
