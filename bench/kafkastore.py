@@ -15,10 +15,9 @@ few minutes holds well under a gigabyte.
 """
 
 import threading
-import time
 from pathlib import Path
 
-from bench import BenchError
+from bench import BenchError, settle
 
 
 class TopicCounter:
@@ -78,15 +77,7 @@ class KafkaStore:
     def settle(self, topic: str, quiet: float = 0.5, timeout: float = 30.0) -> int:
         """The topic's count once it has not grown for ``quiet`` seconds (requests in flight are done)."""
         counter = self._counters[topic]
-        deadline = time.monotonic() + timeout
-        last, since = counter.count, time.monotonic()
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
-            if counter.count != last:
-                last, since = counter.count, time.monotonic()
-            elif time.monotonic() - since >= quiet:
-                return last
-        raise BenchError(f"topic {topic} did not settle")
+        return settle(lambda: counter.count, f"topic {topic}", quiet, timeout)
 
     def stop(self) -> None:
         for counter in self._counters.values():

@@ -15,10 +15,9 @@ stored are counted by the stream's last sequence number, which grows by one per
 message stored and not for a duplicate, nor goes back when old ones are dropped.
 """
 
-import time
 from pathlib import Path
 
-from bench import MIB, BenchError
+from bench import MIB, BenchError, settle
 
 # Below the tests' server's max_file_store (1 GB), shared by the run's streams: the oldest messages go first
 # beyond a stream's share (JetStream refuses a stream whose limit the store cannot reserve).
@@ -78,16 +77,7 @@ class NatsStore:
 
     def settle(self, stream: str, quiet: float = 0.5, timeout: float = 30.0) -> int:
         """The stream's count once it has not grown for ``quiet`` seconds (requests in flight are done)."""
-        deadline = time.monotonic() + timeout
-        last, since = self.last_sequence(stream), time.monotonic()
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
-            count = self.last_sequence(stream)
-            if count != last:
-                last, since = count, time.monotonic()
-            elif time.monotonic() - since >= quiet:
-                return count
-        raise BenchError(f"stream {stream} did not settle")
+        return settle(lambda: self.last_sequence(stream), f"stream {stream}", quiet, timeout)
 
     def stop(self) -> None:
         self.server.stop()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import MIB, ROOT, BenchError
+from bench import MIB, ROOT, BenchError, settle
 from bench.kafkastore import KafkaStore
 from bench.natsstore import NatsStore
 
@@ -115,15 +115,8 @@ class LineCounter:
 
     def settle(self, quiet: float = 0.5, timeout: float = 30.0) -> int:
         """The line count once no line has arrived for ``quiet`` seconds (requests in flight are done)."""
-        deadline = time.monotonic() + timeout
-        last, since = self.bytes, time.monotonic()
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
-            if self.bytes != last:
-                last, since = self.bytes, time.monotonic()
-            elif time.monotonic() - since >= quiet and not self.partial:
-                return self.lines
-        raise BenchError("the server's stdout did not settle")
+        settle(lambda: self.bytes, "the server's stdout", quiet, timeout, done=lambda: not self.partial)
+        return self.lines
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
