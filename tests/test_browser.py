@@ -239,6 +239,26 @@ def test_tracked_events_arrive_in_one_batch_with_their_ids(start_server: Callabl
     assert event_ids(tab.api_requests[0].post_data) == ids
 
 
+def test_a_flush_asked_for_while_a_batch_is_in_flight_goes_once_it_is_answered(
+    start_server: Callable[..., Server], site: Site, tab: Tab
+):
+    """One batch is in flight at a time: a flush asked for meanwhile sends the next batch as soon as the first is
+    answered, not at the next timer (an hour away here)."""
+    server = start_server(workers=2)
+    endpoint = f"{server.url}/api/analytics"
+    held: list[Route] = []
+    tab.page.route(endpoint, lambda route: held.append(route) if not held else route.continue_())
+    tab.page.goto(site.page_url(f"{server.url}/analytics.js", flush_interval=3600000))
+    first = tab.page.evaluate("const ids = [analytics.track('first')]; analytics.flush(); ids")
+    tab.until(lambda: held != [], "the first batch")
+    second = tab.page.evaluate("const ids = [analytics.track('second')]; analytics.flush(); ids")
+    assert len(tab.api_requests) == 1
+    held[0].continue_()
+    lines = tab.lines(server, 2)
+    assert [line["id"] for line in lines] == first + second
+    assert [event_ids(r.post_data) for r in tab.api_requests] == [first, second]
+
+
 def test_leaving_the_page_sends_queued_events_by_beacon(start_server: Callable[..., Server], site: Site, tab: Tab):
     """Events still queued when the visitor navigates away are delivered with navigator.sendBeacon."""
     server = start_server(workers=2)

@@ -66,6 +66,9 @@
   let attempt = 0 // failed tries of the batch in flight on this page; not 0 means the service is failing
   let cap = BATCH_SIZE // events a batch may hold: halved by each 413
   let timer = 0
+  // analytics.flush() was called: send what is queued, batch after batch, without waiting for the timer. Kept
+  // while a batch is in flight, whose outcome then sends the rest: a flush asked for meanwhile is not lost.
+  let flushing = false
 
   const take = () => {
     // The next batch: up to cap events within MAX_BATCH_BYTES (a single larger event goes alone).
@@ -77,7 +80,8 @@
 
   const schedule = () => {
     if (inflight) return // its outcome schedules the next batch
-    if (queue.length >= cap || bytes(texts(queue).join()) > MAX_BATCH_BYTES - 64) flush()
+    if (!queue.length) flushing = false
+    if (flushing || queue.length >= cap || bytes(texts(queue).join()) > MAX_BATCH_BYTES - 64) flush()
     else if (queue.length) timer ||= setTimeout(flush, FLUSH_INTERVAL)
   }
 
@@ -194,7 +198,10 @@
   window.analytics = {
     track,
     identify: (id) => off || store('sessionStorage', 'analytics:user', (userId = id == null ? null : '' + id)),
-    flush,
+    flush: () => {
+      flushing = true
+      schedule()
+    },
     enabled: !off,
   }
   if (attr('page-view') != null) track('page_view', { url: location.href, referrer: document.referrer, title: document.title })
