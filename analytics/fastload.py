@@ -6,13 +6,19 @@ input only where it can prove the schema would, returning what ``schema.load``
 would return. Anything else (wrong type, bad length, unknown key, too large)
 goes back to marshmallow, which decides and explains. The hypothesis tests in
 tests/test_fastload.py check that the two agree on arbitrary input.
+
+A batch's events are first tried all at once: the same checks, as one JSON
+Schema that jsonschema-rs (compiled) applies to the whole array, then Python
+only for the fields that convert (timestamps). A batch with anything it cannot
+vouch for goes back to the loader of one event, event by event.
 """
 
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
-from marshmallow import Schema, ValidationError, fields, validate
+import jsonschema_rs
+from marshmallow import Schema, fields, validate
 from marshmallow.decorators import POST_LOAD, PRE_LOAD, VALIDATES, VALIDATES_SCHEMA
 
 from analytics.schemas import JsonArray, Timestamp
@@ -20,7 +26,23 @@ from analytics.schemas import JsonArray, Timestamp
 # Returned by a field check that cannot vouch for a value.
 DEFER = object()
 
-FieldCheck = Callable[[Any], Any]
+Check = Callable[[Any], Any]
+
+
+class FieldCheck(NamedTuple):
+    """How one field is checked: ``check(value)`` is what the schema loads for ``value``, or DEFER; ``schema`` is
+    the JSON Schema that accepts the same values (as a batch checks them); ``converts`` says the loaded value may
+    differ from the value sent, so ``check`` must run even where ``schema`` passes."""
+
+    check: Check
+    schema: dict[str, Any]
+    converts: bool = False
+
+
+def _types(json_type: str | list[str], allow_none: bool) -> dict[str, Any]:
+    """The JSON Schema ``type`` keyword for ``json_type``, with null where None is allowed."""
+    types = [json_type] if isinstance(json_type, str) else json_type
+    return {"type": [*types, "null"] if allow_none else types}
 
 
 def _string_check(field: fields.String) -> FieldCheck:
@@ -38,7 +60,12 @@ def _string_check(field: fields.String) -> FieldCheck:
             return value if low <= len(value) <= high else DEFER
         return None if value is None and allow_none else DEFER
 
-    return check
+    schema = _types("string", allow_none)
+    if low:
+        schema["minLength"] = low
+    if high < sys.maxsize:
+        schema["maxLength"] = high
+    return FieldCheck(check, schema)
 
 
 def _dict_check(field: fields.Dict) -> FieldCheck:
@@ -52,25 +79,26 @@ def _dict_check(field: fields.Dict) -> FieldCheck:
             return value
         return None if value is None and allow_none else DEFER
 
-    return check
+    return FieldCheck(check, _types("object", allow_none))
 
 
 def _timestamp_check(field: Timestamp) -> FieldCheck:
-    """Accept what the field itself deserializes, calling its own code without marshmallow's wrapping."""
+    """Accept what the field itself deserializes, calling its own parser without marshmallow's wrapping."""
     if field.validators:
         raise TypeError(f"fastload cannot derive a check for {field!r}")
     allow_none = field.allow_none
-    deserialize = field._deserialize
+    parse = field.parse
 
     def check(value: Any) -> Any:
         if value is None:
             return None if allow_none else DEFER
         try:
-            return deserialize(value, None, None)
-        except ValidationError:
+            return parse(value)
+        except ValueError:
             return DEFER
 
-    return check
+    # Strings and numbers are what it may take (booleans are not numbers in JSON Schema); the check parses them.
+    return FieldCheck(check, _types(["string", "number"], allow_none), converts=True)
 
 
 def _array_check(field: JsonArray) -> FieldCheck:
@@ -81,7 +109,7 @@ def _array_check(field: JsonArray) -> FieldCheck:
     def check(value: Any) -> Any:
         return value if type(value) is list else DEFER
 
-    return check
+    return FieldCheck(check, _types("array", False))
 
 
 _CHECK_BUILDERS: dict[type, Callable[[Any], FieldCheck]] = {
@@ -100,7 +128,17 @@ def _field_check(field: fields.Field) -> FieldCheck:
     return builder(field)
 
 
-def _whole_check(schema: Schema, predicates: Mapping[str, Callable[[dict], bool]]) -> Callable[[dict], bool] | None:
+def _field_checks(schema: Schema) -> dict[str, FieldCheck]:
+    """The check of each of the schema's fields, by name."""
+    checks = {}
+    for name, field in schema.load_fields.items():
+        if field.data_key not in (None, name):
+            raise TypeError(f"fastload cannot derive a loader for {name!r}: its data_key differs")
+        checks[name] = _field_check(field)
+    return checks
+
+
+def _whole_check(schema: Schema, predicates: Mapping[str, Callable[[Any], bool]]) -> Callable[[Any], bool] | None:
     """The schema's load hooks as one predicate over the raw input, refusing any hook not given as a predicate.
 
     A hook runs code the loader cannot see: a ``@validates_schema`` added later
@@ -129,11 +167,7 @@ def compile_loader(
     any other hook makes this refuse the schema. Unknown keys always defer,
     whatever the schema's unknown policy, so marshmallow applies it.
     """
-    checks = {}
-    for name, field in schema.load_fields.items():
-        if field.data_key not in (None, name):
-            raise TypeError(f"fastload cannot derive a loader for {name!r}: its data_key differs")
-        checks[name] = _field_check(field)
+    checks = {name: field_check.check for name, field_check in _field_checks(schema).items()}
     whole = _whole_check(schema, hooks or {})
     required = frozenset(name for name, field in schema.load_fields.items() if field.required)
     known = frozenset(checks)
@@ -153,3 +187,45 @@ def compile_loader(
         return loaded
 
     return load
+
+
+def compile_batch_loader(
+    schema: Schema, hooks: Mapping[str, Callable[[list], bool]] | None = None
+) -> Callable[[list], list[dict] | None]:
+    """Return ``load_all(raws)``: what ``schema.load`` returns for each of ``raws``, or None unless it can vouch
+    for every one of them (then each goes to the loader of one event).
+
+    ``hooks`` are as ``compile_loader``'s, but each predicate takes the whole list and holds where the hook
+    passes for every event in it. ``load_all`` loads in place: the dicts it returns are those of ``raws``.
+    """
+    checks = _field_checks(schema)
+    whole = _whole_check(schema, hooks or {})
+    event = {
+        "type": "object",
+        "properties": {name: check.schema for name, check in checks.items()},
+        "required": sorted(name for name, field in schema.load_fields.items() if field.required),
+        # Unknown keys always defer, as in compile_loader.
+        "additionalProperties": False,
+    }
+    valid = jsonschema_rs.validator_for({"type": "array", "items": event}).is_valid
+    converting = [(name, check.check) for name, check in checks.items() if check.converts]
+
+    def load_all(raws: list) -> list[dict] | None:
+        if not valid(raws) or (whole is not None and not whole(raws)):
+            return None
+        # Every value converted first and only then stored: a batch handed on must reach the other loader as sent.
+        converted = []
+        for name, check in converting:
+            for raw in raws:
+                if name in raw:
+                    value = raw[name]
+                    result = check(value)
+                    if result is not value:
+                        if result is DEFER:
+                            return None
+                        converted.append((raw, name, result))
+        for raw, name, result in converted:
+            raw[name] = result
+        return raws
+
+    return load_all

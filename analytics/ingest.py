@@ -14,7 +14,7 @@ from analytics import messages
 from analytics.enrich import Enricher
 from analytics.errors import ApiError
 from analytics.eventlog import EventLog, SinkUnavailableError, event_logger
-from analytics.fastload import compile_loader
+from analytics.fastload import compile_batch_loader, compile_loader
 from analytics.metrics import Metrics, events_dropped
 from analytics.peers import Sender
 from analytics.plan import TrackingPlan
@@ -118,6 +118,7 @@ class Ingestor:
         self.max_events = config["MAX_EVENTS"]
         self.schema = EventSchema(max_bytes=config["MAX_EVENT_BYTES"])
         self.fast_load = compile_loader(self.schema, hooks={"within_size": self.schema.fits})
+        self.fast_load_all = compile_batch_loader(self.schema, hooks={"within_size": self.schema.all_fit})
         self.redactor = redactor_from_settings(config)
         self.event_log = event_log
         self._lines = event_logger(event_log)
@@ -163,18 +164,12 @@ class Ingestor:
         """
         if len(events) > self.max_events:
             raise ApiError(413, messages.TOO_MANY_EVENTS, limit_events=self.max_events)
-        accepted: list[tuple[int, Any, dict[str, Any]]] = []
-        rejected = []
-        for index, raw in enumerate(events):
-            loaded = self.fast_load(raw)
-            if loaded is None:
-                try:
-                    loaded = self.schema.load(raw)
-                except ValidationError as error:
-                    error.__traceback__ = None  # the cycle, as in load_batch
-                    rejected.append(_rejection(index, raw, error.messages))
-                    continue
-            accepted.append((index, raw, loaded))
+        rejected: list[dict[str, Any]] = []
+        loaded_all = self.fast_load_all(events)
+        if loaded_all is not None:
+            accepted = list(zip(range(len(events)), events, loaded_all, strict=True))
+        else:
+            accepted = self._loaded_one_by_one(events, rejected)
         # The plan sees payloads as sent, before redaction; its messages never hold a value.
         flags = self._within_plan(accepted, rejected) if self.plan is not None else None
         if self.redactor and self.redactor.for_request()(loaded.get("payload") for _, _, loaded in accepted):
@@ -191,6 +186,24 @@ class Ingestor:
                     loaded["plan_violations"] = violations
                     flagged.append(_rejection(index, raw, violations, key="plan_violations"))
         return [loaded for _, _, loaded in accepted], rejected, flagged
+
+    def _loaded_one_by_one(
+        self, events: list[Any], rejected: list[dict[str, Any]]
+    ) -> list[tuple[int, Any, dict[str, Any]]]:
+        """Each event loaded on its own (the fast loader, or marshmallow, which explains): those valid, as (index,
+        event as sent, loaded); the rejections of the others go to ``rejected``."""
+        accepted = []
+        for index, raw in enumerate(events):
+            loaded = self.fast_load(raw)
+            if loaded is None:
+                try:
+                    loaded = self.schema.load(raw)
+                except ValidationError as error:
+                    error.__traceback__ = None  # the cycle, as in load_batch
+                    rejected.append(_rejection(index, raw, error.messages))
+                    continue
+            accepted.append((index, raw, loaded))
+        return accepted
 
     def _within_plan(
         self, accepted: list[tuple[int, Any, dict[str, Any]]], rejected: list[dict[str, Any]]

@@ -168,6 +168,8 @@ class Redactor:
             raise ValueError("every secret word needs a letter or a digit")
         self._secret_run = secret_pattern(secrets)
         self._known: dict[str, bool] = {}
+        # The keys of _known that are not secret: a dict whose keys all are is passed over with one set comparison.
+        self._safe: set[str] = set()
 
     def is_secret(self, key: str) -> bool:
         """Whether ``key`` names a secret, worked out afresh."""
@@ -179,6 +181,7 @@ class Redactor:
         Keys it has not seen are checked within the request's KEY_CHARS_PER_REQUEST.
         """
         known = self._known
+        safe = self._safe
         budget = KEY_CHARS_PER_REQUEST
 
         def is_secret(key: str) -> bool:
@@ -194,7 +197,10 @@ class Redactor:
                 if len(key) <= CACHED_KEY_CHARS:
                     if len(known) >= CACHED_KEYS:
                         known.clear()
+                        safe.clear()
                     known[key] = answer
+                    if not answer:
+                        safe.add(key)
             return answer
 
         def redact(payloads: Iterable[Any]) -> int:
@@ -206,7 +212,7 @@ class Redactor:
             containers = [value for value in payloads if type(value) is dict or type(value) is list]
             while containers:
                 for value in containers:
-                    if type(value) is dict:
+                    if type(value) is dict and not value.keys() <= safe:
                         for key in value:
                             if is_secret(key):
                                 value[key] = REDACTED
