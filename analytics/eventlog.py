@@ -69,6 +69,10 @@ class StdoutSink:
         self.writer.write(batch.text)
 
 
+# How every line starts; the event's type comes next.
+EVENT_HEAD = b'{"kind":"event",'
+
+
 def render_lines(logger: Any, method_name: str, event_dict: dict[str, Any]) -> tuple[tuple[Batch], dict]:
     """The structlog processor for event lines: one line per event of the batch, ``kind`` and ``type`` first.
 
@@ -79,9 +83,15 @@ def render_lines(logger: Any, method_name: str, event_dict: dict[str, Any]) -> t
     events = event_dict.pop("events")
     utc = orjson.OPT_UTC_Z
     ending = (b"," + orjson.dumps(event_dict, option=utc)[1:] if event_dict else b"}") + b"\n"
-    heads = [orjson.dumps({"kind": "event", "type": event["type"], **event}, option=utc)[:-1] for event in events]
-    text = ending.join(heads)
-    return (Batch(events, escape_line_breaks(text + ending)),), {}
+    if all([next(iter(event)) == "type" for event in events]):
+        # Clients send the type first (analytics.js does): each event's own JSON, braces off, follows "kind"
+        # as it is, without building a dict per event (a third of the rendering).
+        between = ending + EVENT_HEAD
+        text = EVENT_HEAD + between.join([orjson.dumps(event, option=utc)[1:-1] for event in events]) + ending
+    else:
+        heads = [orjson.dumps({"kind": "event", "type": event["type"], **event}, option=utc)[:-1] for event in events]
+        text = ending.join(heads) + ending
+    return (Batch(events, escape_line_breaks(text)),), {}
 
 
 class EventLog:

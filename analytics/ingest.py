@@ -250,12 +250,11 @@ class Ingestor:
         (retry) if the event store cannot take them now."""
         if not events:
             return
-        lines = []
-        for event in events:
-            if None in event.values():
-                # None means absent: such fields are left off the line.
-                event = {key: value for key, value in event.items() if value is not None}
-            lines.append(event)
+        # None means absent: such fields are left off the line.
+        lines = [
+            event if None not in event.values() else {key: value for key, value in event.items() if value is not None}
+            for event in events
+        ]
         try:
             self._lines.info(events=lines, **context)
         except LogWriteError as error:

@@ -241,6 +241,23 @@ def test_event_line_fields(client, capfd):
     }
 
 
+@pytest.mark.parametrize("type_first", [True, False])
+def test_every_line_starts_with_kind_then_type(client, capfd, type_first):
+    """Whatever order a client sends an event's fields in, its line starts with kind and type, the event's other
+    fields following in the order sent."""
+    sent = [{"type": "a", "id": "1", "payload": {"type": "inner"}}, {"id": "2", "payload": {}, "type": "b"}]
+    events = sent[:1] * 2 if type_first else sent
+    response = post(client, {"events": events})
+    assert (response.status_code, response.json) == (200, {"success": True, "received": 2})
+    lines = capfd.readouterr().out.splitlines()
+    assert [line[: line.index(',"received_at"')] for line in lines] == [
+        '{"kind":"event","type":"a","id":"1","payload":{"type":"inner"}',
+        '{"kind":"event","type":"a","id":"1","payload":{"type":"inner"}'
+        if type_first
+        else '{"kind":"event","type":"b","id":"2","payload":{}',
+    ]
+
+
 @pytest.mark.parametrize(
     ("timestamp", "expected"),
     [
