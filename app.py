@@ -8,6 +8,7 @@ import structlog
 from flask import Flask, Response, g, request
 
 from analytics import api, client, openapi
+from analytics.allocator import return_large_buffers
 from analytics.cors import register_cors
 from analytics.errors import register_error_handlers
 from analytics.eventlog import EventLog, Sink, StdoutSink
@@ -32,6 +33,7 @@ log = structlog.get_logger()
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the service; ``config`` overrides the defaults and the environment (tests use it)."""
     configure_logging()
+    return_large_buffers()
     app = Flask(__name__)
     app.json = OrjsonProvider(app)
     load_config(app, config)

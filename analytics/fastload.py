@@ -7,17 +7,17 @@ would return. Anything else (wrong type, bad length, unknown key, too large)
 goes back to marshmallow, which decides and explains. The hypothesis tests in
 tests/test_fastload.py check that the two agree on arbitrary input.
 
-A batch's events are first tried all at once: the same checks, as one JSON
-Schema that jsonschema-rs (compiled) applies to the whole array, then Python
-only for the fields that convert (timestamps). A batch with anything it cannot
-vouch for goes back to the loader of one event, event by event.
+A batch's events are first tried all at once: the same checks, as the type
+of a msgspec Struct that msgspec (compiled) converts the whole list to, then
+Python only for the fields that convert (timestamps). A batch with anything it
+cannot vouch for goes back to the loader of one event, event by event.
 """
 
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
-import jsonschema_rs
+import msgspec
 from marshmallow import Schema, fields, validate
 from marshmallow.decorators import POST_LOAD, PRE_LOAD, VALIDATES, VALIDATES_SCHEMA
 
@@ -30,19 +30,18 @@ Check = Callable[[Any], Any]
 
 
 class FieldCheck(NamedTuple):
-    """How one field is checked: ``check(value)`` is what the schema loads for ``value``, or DEFER; ``schema`` is
-    the JSON Schema that accepts the same values (as a batch checks them); ``converts`` says the loaded value may
-    differ from the value sent, so ``check`` must run even where ``schema`` passes."""
+    """How one field is checked: ``check(value)`` is what the schema loads for ``value``, or DEFER; ``annotation``
+    is the type msgspec accepts the same values as (as a batch checks them); ``converts`` says the loaded value
+    may differ from the value sent, so ``check`` must run even where msgspec accepts."""
 
     check: Check
-    schema: dict[str, Any]
+    annotation: Any
     converts: bool = False
 
 
-def _types(json_type: str | list[str], allow_none: bool) -> dict[str, Any]:
-    """The JSON Schema ``type`` keyword for ``json_type``, with null where None is allowed."""
-    types = [json_type] if isinstance(json_type, str) else json_type
-    return {"type": [*types, "null"] if allow_none else types}
+def _nullable(annotation: Any, allow_none: bool) -> Any:
+    """``annotation``, or None too where the field allows it."""
+    return annotation | None if allow_none else annotation
 
 
 def _string_check(field: fields.String) -> FieldCheck:
@@ -60,12 +59,8 @@ def _string_check(field: fields.String) -> FieldCheck:
             return value if low <= len(value) <= high else DEFER
         return None if value is None and allow_none else DEFER
 
-    schema = _types("string", allow_none)
-    if low:
-        schema["minLength"] = low
-    if high < sys.maxsize:
-        schema["maxLength"] = high
-    return FieldCheck(check, schema)
+    length = msgspec.Meta(min_length=low or None, max_length=high if high < sys.maxsize else None)
+    return FieldCheck(check, _nullable(Annotated[str, length], allow_none))
 
 
 def _dict_check(field: fields.Dict) -> FieldCheck:
@@ -79,7 +74,7 @@ def _dict_check(field: fields.Dict) -> FieldCheck:
             return value
         return None if value is None and allow_none else DEFER
 
-    return FieldCheck(check, _types("object", allow_none))
+    return FieldCheck(check, _nullable(dict, allow_none))
 
 
 def _timestamp_check(field: Timestamp) -> FieldCheck:
@@ -97,8 +92,8 @@ def _timestamp_check(field: Timestamp) -> FieldCheck:
         except ValueError:
             return DEFER
 
-    # Strings and numbers are what it may take (booleans are not numbers in JSON Schema); the check parses them.
-    return FieldCheck(check, _types(["string", "number"], allow_none), converts=True)
+    # Strings and numbers are what it may take (msgspec takes no bool for an int); the check parses them.
+    return FieldCheck(check, _nullable(str | int | float, allow_none), converts=True)
 
 
 def _array_check(field: JsonArray) -> FieldCheck:
@@ -109,7 +104,7 @@ def _array_check(field: JsonArray) -> FieldCheck:
     def check(value: Any) -> Any:
         return value if type(value) is list else DEFER
 
-    return FieldCheck(check, _types("array", False))
+    return FieldCheck(check, list)
 
 
 _CHECK_BUILDERS: dict[type, Callable[[Any], FieldCheck]] = {
@@ -200,18 +195,26 @@ def compile_batch_loader(
     """
     checks = _field_checks(schema)
     whole = _whole_check(schema, hooks or {})
-    event = {
-        "type": "object",
-        "properties": {name: check.schema for name, check in checks.items()},
-        "required": sorted(name for name, field in schema.load_fields.items() if field.required),
+    required = {name for name, field in schema.load_fields.items() if field.required}
+    # An optional field's default only stands for its absence: a null sent is checked against its annotation.
+    struct = msgspec.defstruct(
+        f"{type(schema).__name__}Struct",
+        [
+            (name, check.annotation) if name in required else (name, check.annotation, None)
+            for name, check in checks.items()
+        ],
         # Unknown keys always defer, as in compile_loader.
-        "additionalProperties": False,
-    }
-    valid = jsonschema_rs.validator_for({"type": "array", "items": event}).is_valid
+        forbid_unknown_fields=True,
+    )
+    events_type = list[struct]
     converting = [(name, check.check) for name, check in checks.items() if check.converts]
 
     def load_all(raws: list) -> list[dict] | None:
-        if not valid(raws) or (whole is not None and not whole(raws)):
+        try:
+            msgspec.convert(raws, events_type)
+        except msgspec.ValidationError:
+            return None
+        if whole is not None and not whole(raws):
             return None
         # Every value converted first and only then stored: a batch handed on must reach the other loader as sent.
         converted = []

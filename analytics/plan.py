@@ -25,13 +25,16 @@ line stays within its allowance (analytics.lines.CONTEXT_ALLOWANCE).
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema_rs
 import orjson
 
 from analytics.lines import encode
 from config import SettingsError
+
+if TYPE_CHECKING:
+    # Imported where a plan is compiled and explained, and only then: loaded, it holds 3 MiB of a worker's memory.
+    import jsonschema_rs
 
 DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
 # Event types are 1 to 256 characters (analytics.schemas.EventSchema): a longer name could never match.
@@ -87,7 +90,7 @@ def pointer(segments: Any) -> str:
 _NAMING = frozenset({"properties", "patternProperties", "$defs", "dependentSchemas", "dependentRequired"})
 
 
-def _keyword(error: jsonschema_rs.ValidationError) -> str:
+def _keyword(error: "jsonschema_rs.ValidationError") -> str:
     """The keyword of the schema that failed: the last keyword of the schema path (a property named like one
     is not taken for it)."""
     keyword, naming = "schema", False
@@ -127,7 +130,7 @@ def _member(payload: Any, segments: list) -> Any:
     return payload
 
 
-def _described(error: jsonschema_rs.ValidationError, payload: Any) -> Iterator[tuple[list, str]]:
+def _described(error: "jsonschema_rs.ValidationError", payload: Any) -> Iterator[tuple[list, str]]:
     """The violations one validator error stands for: (path segments within the payload, message).
 
     Messages in marshmallow's words where it has them, naming the rule and the
@@ -277,6 +280,8 @@ def _every_violation(validator: Any, payload: Any) -> list[dict[str, str]]:
 
 def _first_violation(validator: Any, payload: Any) -> list[dict[str, str]]:
     """The violations of the first error of ``payload`` only, and a word saying so: ``validate`` stops at it."""
+    import jsonschema_rs
+
     try:
         validator.validate(payload)
     except jsonschema_rs.ValidationError as error:
@@ -289,6 +294,8 @@ def _first_violation(validator: Any, payload: Any) -> list[dict[str, str]]:
 
 def _compile(name: str, schema: Any) -> Any:
     """The validator of one type's schema; a SettingsError naming the type when the schema is not valid."""
+    import jsonschema_rs
+
     where = f"TRACKING_PLAN: type {_cut(name, 64)!r}"
     if not isinstance(schema, dict | bool):
         raise SettingsError(f"{where}: its schema must be a JSON object or a boolean, not {type(schema).__name__}")
