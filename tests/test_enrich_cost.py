@@ -30,7 +30,7 @@ ALL_ON = {
     "EXCLUDE_IPS": ["198.51.100.0/24", "2001:db8:ffff::/48"],
     "DERIVED_TIMESTAMP": True,
 }
-ALL_OFF = {"CLIENT_IP": "full", "DERIVED_TIMESTAMP": False}
+ALL_OFF = {"CLIENT_IP": "full", "DERIVED_TIMESTAMP": False, "BOTS": "off"}
 # Rounds of a few requests each (about 20 ms of CPU): many short ones, so that a burst of other load spoils few.
 ROUNDS = 60
 
