@@ -4,8 +4,7 @@ import codecs
 import socket
 import struct
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from functools import lru_cache
 from typing import IO, Any
 
 import orjson
@@ -75,14 +74,14 @@ def _gunzip(data: bytes, limit: int) -> bytes:
     return out
 
 
+@lru_cache(maxsize=4)
 def _timeval(seconds: float) -> bytes:
-    """``seconds`` as the struct timeval that SO_RCVTIMEO takes."""
+    """``seconds`` as the struct timeval that SO_RCVTIMEO takes (one setting: built once)."""
     whole = int(seconds)
     return struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
 
 
-@contextmanager
-def _read_timeout(request: Request, seconds: float) -> Iterator[None]:
+def _bound_reads(environ: dict, seconds: float) -> None:
     """Bound each read of the body, where the server hands us its socket (gunicorn does).
 
     Without it a client that stops short of its Content-Length holds a sync
@@ -91,17 +90,9 @@ def _read_timeout(request: Request, seconds: float) -> Iterator[None]:
     request, py-spy in bench/). It stays on the connection, which sync workers
     close after each request anyway.
     """
-    sock = request.environ.get("gunicorn.socket")
+    sock = environ.get("gunicorn.socket")
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
-    try:
-        yield
-    except (TimeoutError, BlockingIOError) as error:
-        # A blocking socket past SO_RCVTIMEO fails with EAGAIN, which Python raises as BlockingIOError.
-        raise ApiError(408, messages.REQUEST_TIMEOUT) from error
-    except (OSError, ParseException) as error:
-        # A malformed chunk, or the client gone mid-body: gunicorn raises these as the app reads.
-        raise invalid_json() from error
 
 
 def _read(request: Request, limit: int) -> bytes:
@@ -123,11 +114,20 @@ def _read(request: Request, limit: int) -> bytes:
 
 def read_body(request: Request, limit: int, timeout: float) -> bytes:
     """The body, decompressed, whatever the Content-Type says; raise ApiError if it cannot be had within limits."""
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    environ = request.environ
+    # The header as the WSGI environ holds it: what request.headers would look up, without building them.
+    encoding = environ.get("HTTP_CONTENT_ENCODING", "identity").strip().lower()
     if encoding not in GZIP and encoding not in IDENTITY:
         raise ApiError(415, messages.UNSUPPORTED_ENCODING, supported=[*GZIP, "identity"])
-    with _read_timeout(request, timeout):
+    _bound_reads(environ, timeout)
+    try:
         body = _read(request, limit)
+    except (TimeoutError, BlockingIOError) as error:
+        # A blocking socket past SO_RCVTIMEO fails with EAGAIN, which Python raises as BlockingIOError.
+        raise ApiError(408, messages.REQUEST_TIMEOUT) from error
+    except (OSError, ParseException) as error:
+        # A malformed chunk, or the client gone mid-body: gunicorn raises these as the app reads.
+        raise invalid_json() from error
     if encoding in GZIP:
         body = _gunzip(body, limit)
     return body
