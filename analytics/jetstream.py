@@ -10,10 +10,11 @@ which the ingestor answers with a 503 and Retry-After: the client retries the
 whole batch, and the ids make that safe.
 
 How it runs. nats-py is asyncio and gunicorn's workers are sync, so each worker
-process has one event loop in a thread of its own, holding one connection; a
-request thread hands it a batch with ``run_coroutine_threadsafe`` and waits for
-the outcome (a hand-over measured at about 50 microseconds, against a network
-round trip). The loop is started per process, keyed by its pid, never in the
+process has one event loop in a thread of its own, holding one connection
+(which answers the server's pings and reconnects between requests too). A
+request thread builds the batch's frames, wakes the loop once to write them, and
+waits on a lock that the loop releases once the last acknowledgement is in
+(see ``write``). The loop is started per process, keyed by its pid, never in the
 gunicorn master (which builds the app once to check settings and then forks:
 a thread or a connection made there would not survive the fork), by gunicorn's
 ``post_worker_init`` hook as soon as a worker has loaded the app, or else by the
@@ -30,11 +31,11 @@ once with file storage, ``NATS_REPLICAS`` replicas and the duplicate window.
 
 A batch is published pipelined: every message goes out (as one buffer of
 protocol frames, see ``_Connection``), then the acknowledgements are awaited together,
-bounded by ``NATS_ACK_TIMEOUT`` from the start. Each message asks for the
+bounded by ``NATS_ACK_TIMEOUT`` from the hand-over. Each message asks for the
 stream by name (``Nats-Expected-Stream``), so none is acknowledged by another.
 The messages are plain publishes whose reply subjects name the batch and the
 event, and one subscription per connection counts the acknowledgements into
-the batch's one future, rather than nats-py's ``publish_async``: that one
+the batch's one lock, rather than nats-py's ``publish_async``: that one
 builds a future, a random token and a ``PubAck`` per message, which made the
 sink's loop a bottleneck (at 100 events a batch 1.6 times the time per write).
 
@@ -67,6 +68,7 @@ from nats.errors import Error as NatsError
 from nats.js.api import Header, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
+from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
 from analytics.eventlog import Batch, SinkUnavailableError
 
@@ -82,8 +84,6 @@ PING_INTERVAL = 10
 MAX_OUTSTANDING_PINGS = 2
 # Between two checks of a stream that could not be used (missing subject, no quorum to create it).
 STREAM_RECHECK = 1.0
-# Beyond NATS_ACK_TIMEOUT, for the hand-over between threads; the loop bounds the publish itself.
-HANDOVER_SLACK = 1.0
 # Closing a worker's connection (flushing what is buffered) at exit.
 CLOSE_TIMEOUT = 5.0
 # Characters an id keeps as they are in Nats-Msg-Id: printable ASCII but space and "%". nats-py
@@ -95,6 +95,8 @@ ID_SAFE = "".join(chr(code) for code in range(0x21, 0x7F) if chr(code) != "%")
 PLAIN_ID = re.compile(r"[!-$&-~]+")
 # The header block a server answers a request with when nothing subscribes to its subject: no stream takes it.
 NO_RESPONDERS = b"NATS/1.0 503"
+# A message without reply subject or headers, as a server sends each publish acknowledgement: subject, sid, size.
+PLAIN_MSG = re.compile(rb"MSG ([^ \r\n]+) (\d+) (\d+)\r\n")
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -118,30 +120,71 @@ def message_id(event: Mapping[str, Any]) -> str | None:
 
 
 class _Acks:
-    """The acknowledgements one batch waits for: each event's counted once, ``done`` resolved when all are in."""
+    """The acknowledgements one batch waits for, each event's counted once; ``done``, a lock taken at the start, is
+    released (by the loop's thread) once all are in, or the batch could not be sent (``error``)."""
 
-    __slots__ = ("expected", "received", "failures", "done")
+    __slots__ = ("expected", "received", "failures", "error", "finished", "done")
 
-    def __init__(self, expected: int, done: asyncio.Future) -> None:
+    def __init__(self, expected: int) -> None:
         self.expected = expected
-        self.received: set[str] = set()
+        self.received: set[bytes] = set()
         self.failures: list[Exception] = []
-        self.done = done
+        self.error: SinkUnavailableError | None = None
+        self.finished = False
+        self.done = threading.Lock()
+        self.done.acquire()
+
+    def finish(self, error: SinkUnavailableError | None = None) -> None:
+        """Wake the request waiting for this batch; once (only the loop's thread calls it)."""
+        self.error = error
+        self.finished = True
+        self.done.release()
+
+
+class _AckParser(Parser):
+    """nats-py's protocol parser, first reading as many whole acknowledgements as the buffer starts with in one
+    tight loop, each handed to ``on_ack`` as it is: nats-py's general loop tries each frame against its patterns
+    in turn and makes a coroutine per message (4.0 against 2.0 µs an acknowledgement, counting included, the best
+    of 15 runs in one process: 0.2 ms of a write at 100 events). Anything else (a PING, an INFO, an error, a reply
+    to the JetStream API, a message with headers or a reply subject) and what follows it in the buffer goes through
+    nats-py's loop, as does a frame cut between two reads once nats-py has taken its control line."""
+
+    async def parse(self, data: bytes = b"") -> None:
+        buf = self.buf
+        buf.extend(data)
+        nc = self.nc
+        start = 0
+        while self.state == AWAITING_CONTROL_LINE:
+            frame = PLAIN_MSG.match(buf, start)
+            if frame is None or int(frame[2]) != nc.ack_sid:
+                break
+            body = frame.end()
+            end = body + int(frame[3])
+            if len(buf) < end + 2:
+                # The rest of this acknowledgement comes with the next read.
+                del buf[:start]
+                return
+            nc.on_ack(frame[1], bytes(buf[body:end]), None)
+            start = end + 2
+        del buf[:start]
+        if buf:
+            await super().parse()
 
 
 class _Connection(NatsClient):
-    """nats-py's client with two shortcuts for a batch, which at 100 events a batch took the sink's time per
-    write from 4.1 to 2.5 ms (bench/sink_write.py): ``send`` queues a whole batch of ready-made frames where
-    ``publish`` would check, build and queue each message (a quarter of the sink's time), and the sink's
-    acknowledgements go from the protocol parser straight to ``on_ack`` where nats-py would make each a ``Msg``,
-    queue it and wake a task to hand it over (a sixth). Both lean on nats-py's internals, of the version
-    requirements.txt pins; tests/test_nats.py covers them (every kind of acknowledgement, ids, headers)."""
+    """nats-py's client with shortcuts for a batch, which at 100 events a batch took the sink's time per write
+    from 4.1 to 2.5 ms (bench/sink_write.py): ``send`` writes a whole batch of ready-made frames where ``publish``
+    would check, build and queue each message (a quarter of the sink's time), and the sink's acknowledgements go
+    from the protocol parser (``_AckParser``) straight to ``on_ack`` where nats-py would make each a ``Msg``, queue
+    it and wake a task to hand it over (a sixth). They lean on nats-py's internals, of the version requirements.txt
+    pins; tests/test_nats.py covers them (every kind of acknowledgement, cut anywhere between reads, ids, headers)."""
 
     def __init__(self, on_ack: Callable[[bytes, bytes, bytes | None], None]) -> None:
         super().__init__()
         self.on_ack = on_ack
         # The subscription id of the acknowledgements, once subscribed (nats-py keeps it across reconnections).
         self.ack_sid: int | None = None
+        self._ps = _AckParser(self)
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         if sid == self.ack_sid:
@@ -149,11 +192,17 @@ class _Connection(NatsClient):
         else:
             await super()._process_msg(sid, subject, reply, data, headers)
 
-    async def send(self, frames: bytes) -> None:
-        """Queue protocol frames for nats-py's flusher task, as ``publish`` queues one message's."""
-        await self._send_command(frames)
+    def send(self, frames: bytes) -> None:
+        """Write protocol frames in order after whatever nats-py holds: straight to the transport when it holds
+        nothing (as its flusher task would, a loop turn later, and as nats-py writes a PING), else queued for that
+        task. In the loop's thread: the transport is not thread-safe."""
+        if not self._pending and self._transport:
+            self._transport.write(frames)
+            return
+        self._pending.append(frames)
+        self._pending_data_size += len(frames)
         if self._flush_queue is not None and self._flush_queue.empty():
-            await self._flush_pending()
+            self._flush_queue.put_nowait(asyncio.get_running_loop().create_future())
 
 
 class JetStreamSink:
@@ -183,9 +232,11 @@ class JetStreamSink:
         self._runner: concurrent.futures.Future | None = None
         self._nc: _Connection | None = None
         self._js: JetStreamContext | None = None
-        # Reply subjects are "<prefix>.<batch>.<event>"; the acknowledgements awaited, by batch.
-        self._reply_prefix = ""
-        self._waiting: dict[str, _Acks] = {}
+        # Reply subjects are "<inbox>.<batch>.<event>", the prefix "<inbox>." (bytes, as the parser gives subjects);
+        # the acknowledgements awaited, by batch (added and removed by the requests' threads, read by the loop's:
+        # single dict operations, atomic under the GIL).
+        self._reply_prefix = b""
+        self._waiting: dict[bytes, _Acks] = {}
         self._batch_numbers = itertools.count()
         # Why the stream cannot take events (not yet checked, or unusable), None once it can.
         self._stream_problem: str | None = "stream not checked yet"
@@ -215,6 +266,8 @@ class JetStreamSink:
 
     def start(self) -> None:
         """Start connecting, in the background, in this process; once per process (a forked child starts its own)."""
+        if self._pid == os.getpid():
+            return
         with self._start_lock:
             if self._pid == os.getpid():
                 return
@@ -235,7 +288,8 @@ class JetStreamSink:
         self.start()
         # A worker just started would otherwise turn its first requests away while connecting, which takes
         # milliseconds; the wait is bounded, and over as soon as a try fails (a refused connection at once).
-        self._first_try.wait(CONNECT_TIMEOUT + self.ack_timeout)
+        if not self._first_try.is_set():
+            self._first_try.wait(CONNECT_TIMEOUT + self.ack_timeout)
         nc = self._nc
         if nc is None or not nc.is_connected:
             state = "connecting" if nc is None or self._js is None else "reconnecting"
@@ -243,16 +297,35 @@ class JetStreamSink:
         return self._stream_problem
 
     def write(self, batch: Batch) -> None:
+        """Send the batch and wait, at most ``ack_timeout``, for every event's acknowledgement.
+
+        The frames are built here; the loop's thread is woken once to write them (``_send``) and wakes this
+        thread once all acknowledgements are in (``_on_ack``): one callback and one lock, rather than a task,
+        an asyncio future, a timer and a concurrent future per batch, which cost more than the sending itself.
+        """
         reason = self.unready_reason()
         if reason:
             raise SinkUnavailableError(reason)
         assert self._loop
-        outcome = asyncio.run_coroutine_threadsafe(self._publish(batch), self._loop)
+        number = b"%d" % next(self._batch_numbers)
+        frames = self._frames(batch, self._reply_prefix + number + b".")
+        acks = self._waiting[number] = _Acks(len(batch.lines))
         try:
-            outcome.result(self.ack_timeout + HANDOVER_SLACK)
-        except concurrent.futures.TimeoutError:
-            outcome.cancel()
-            raise SinkUnavailableError(f"no outcome from the NATS sink within {self.ack_timeout} s") from None
+            self._loop.call_soon_threadsafe(self._send, frames, acks)
+            if not acks.done.acquire(timeout=self.ack_timeout):
+                raise SinkUnavailableError(
+                    f"{acks.expected - len(acks.received)} of {acks.expected} JetStream acknowledgements did not "
+                    f"arrive within {self.ack_timeout} s"
+                )
+        finally:
+            # Answers that come later find no batch, and are dropped.
+            del self._waiting[number]
+        if acks.error:
+            raise acks.error
+        if acks.failures:
+            raise SinkUnavailableError(
+                f"JetStream refused {len(acks.failures)} of {acks.expected} events: {acks.failures[0]}"
+            )
 
     def close(self) -> None:
         """Close this process's connection, sending what it holds, and stop its loop; bounded by CLOSE_TIMEOUT."""
@@ -289,8 +362,9 @@ class JetStreamSink:
             reconnected_cb=self._on_reconnected,
         )
         # Subscribed before any publish; nats-py subscribes again after each reconnection.
-        self._reply_prefix = nc.new_inbox()
-        nc.ack_sid = (await nc.subscribe(f"{self._reply_prefix}.>"))._id
+        inbox = nc.new_inbox()
+        self._reply_prefix = f"{inbox}.".encode()
+        nc.ack_sid = (await nc.subscribe(f"{inbox}.>"))._id
         self._js = nc.jetstream(timeout=self.ack_timeout)
         self._logged_errors.clear()
         self._log.info("nats_connected", server=_url(nc))
@@ -335,35 +409,16 @@ class JetStreamSink:
             return f"stream {self.stream} does not take subject {self.subject} (its subjects: {', '.join(subjects)})"
         return None
 
-    async def _publish(self, batch: Batch) -> None:
-        """Send every event of the batch, then wait for all acknowledgements, within ack_timeout of the start."""
+    def _send(self, frames: bytes, acks: _Acks) -> None:
+        """Write a batch's frames, unless the connection is down (then its request is answered at once)."""
         assert self._nc
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.ack_timeout
-        number = str(next(self._batch_numbers))
-        acks = self._waiting[number] = _Acks(len(batch.lines), loop.create_future())
+        if not self._nc.is_connected:
+            acks.finish(SinkUnavailableError("NATS connection lost"))
+            return
         try:
-            frames = self._frames(batch, f"{self._reply_prefix}.{number}.".encode())
-            if not self._nc.is_connected:
-                raise SinkUnavailableError("NATS connection lost")
-            await self._nc.send(frames)
-            await asyncio.wait_for(acks.done, max(0.0, deadline - loop.time()))
+            self._nc.send(frames)
         except (NatsError, OSError) as error:
-            raise SinkUnavailableError(f"publishing to NATS failed: {error!r}") from None
-        except TimeoutError:
-            raise SinkUnavailableError(
-                f"{acks.expected - len(acks.received)} of {acks.expected} JetStream acknowledgements did not arrive "
-                f"within {self.ack_timeout} s"
-            ) from None
-        finally:
-            del self._waiting[number]
-        if acks.failures:
-            if any(isinstance(failure, NoStreamResponseError) for failure in acks.failures) and self._recheck:
-                # Nothing took the subject: the stream may be gone; look (and create it) again.
-                self._recheck.set()
-            raise SinkUnavailableError(
-                f"JetStream refused {len(acks.failures)} of {acks.expected} events: {acks.failures[0]}"
-            )
+            acks.finish(SinkUnavailableError(f"publishing to NATS failed: {error!r}"))
 
     def _frames(self, batch: Batch, reply: bytes) -> bytes:
         """The batch's messages as NATS protocol frames: for each event, ``HPUB <subject> <reply><index> <header
@@ -387,14 +442,17 @@ class JetStreamSink:
     def _on_ack(self, subject: bytes, data: bytes, headers: bytes | None) -> None:
         """Count one event's acknowledgement (its reply subject, body and raw header block) into its batch: stored
         (a duplicate too), or refused and why."""
-        number, _, index = subject[len(self._reply_prefix) + 1 :].decode().rpartition(".")
+        number, _, index = subject[len(self._reply_prefix) :].rpartition(b".")
         acks = self._waiting.get(number)
-        if acks is None or acks.done.done() or index in acks.received:
-            # A batch given up (timed out, cancelled), or an answer counted already.
+        if acks is None or acks.finished or index in acks.received:
+            # A batch given up (timed out), or an answer counted already.
             return
         acks.received.add(index)
         if headers and headers.startswith(NO_RESPONDERS):
             acks.failures.append(NoStreamResponseError())
+            if self._recheck:
+                # Nothing took the subject: the stream may be gone; look (and create it) again.
+                self._recheck.set()
         else:
             try:
                 answer = orjson.loads(data)
@@ -406,7 +464,7 @@ class JetStreamSink:
             except (orjson.JSONDecodeError, TypeError, KeyError) as error:
                 acks.failures.append(APIError(description=f"unreadable acknowledgement {data[:200]!r}: {error!r}"))
         if len(acks.received) == acks.expected:
-            acks.done.set_result(None)
+            acks.finish()
 
     async def _close(self) -> None:
         """Stop checking the stream and close the connection."""

@@ -1,6 +1,7 @@
-"""Time the NATS sink's ``write`` in-process against a local nats-server: per batch, median and p99.
+"""Time the NATS sink's ``write`` in-process against a local nats-server: per batch, median and p99, and CPU.
 
     .venv/bin/python bench/sink_write.py [--writes 2000] [--batches 1,10,100] [--module OTHER.py ...]
+        [--cpu 0] [--between 600]
 
 One nats-server (file storage, one replica, its own temporary store) and one
 ``JetStreamSink`` per module: the tree's ``analytics/jetstream.py`` and any
@@ -9,10 +10,19 @@ One nats-server (file storage, one replica, its own temporary store) and one
 that a shared machine's drift falls on all of them alike. Every write carries new
 event ids (a repeated id would be a duplicate, which JetStream acknowledges
 without storing), and the streams' message counts are checked at the end.
+
+The CPU column is this process's CPU time per write (the writing thread and the
+sink's loop thread) beyond ``--between``. A worker does a request's own work
+between two writes, on one CPU: ``--cpu 0 --between 600`` pins the writer and
+the sink's thread to CPU 0 (the server stays where it was started, the others)
+and spins 600 µs of Python between writes, which shows what the hand-over between
+the two threads costs when the loop's thread wakes while the request's runs (the
+GIL): the sink's loop thread must not be left with work once a write returns.
 """
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import tempfile
@@ -51,6 +61,13 @@ def batches(size: int, count: int) -> list[Batch]:
     return made
 
 
+def spin(microseconds: float) -> None:
+    """Keep the CPU (and the GIL) busy for this long, as a request's own work would."""
+    end = time.perf_counter() + microseconds / 1e6
+    while time.perf_counter() < end:
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure each module's sink at each batch size; print median and p99 per write, and events/s."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -58,11 +75,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,10,100")
     parser.add_argument("--rounds", type=int, default=4, help="turns per sink and batch size (writes split among them)")
     parser.add_argument("--module", type=Path, action="append", default=[], help="another jetstream.py to compare")
+    parser.add_argument("--cpu", type=int, help="pin the writer and the sinks' threads to this CPU (not the server)")
+    parser.add_argument("--between", type=float, default=0.0, help="µs of Python work between two writes")
     args = parser.parse_args(argv)
     root = Path(__file__).resolve().parent.parent
     modules = {"tree": root / "analytics" / "jetstream.py"} | {f"m{i}:{p.name}": p for i, p in enumerate(args.module)}
     with tempfile.TemporaryDirectory(prefix="sink-write-") as tmp:
         server = NatsServer(Path(tmp)).start()
+        if args.cpu is not None:
+            # This thread only, so the server keeps its CPUs; the sinks' threads, started below, inherit it.
+            os.sched_setaffinity(0, {args.cpu})
         sinks = {}
         try:
             for index, (label, path) in enumerate(modules.items()):
@@ -76,15 +98,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             for size in (int(b) for b in args.batches.split(",")):
                 per_round = max(1, args.writes // args.rounds)
                 times: dict[str, list[float]] = {label: [] for label in sinks}
+                cpu = dict.fromkeys(sinks, 0.0)
                 for _ in range(args.rounds):
                     for label, sink in sinks.items():
                         work = batches(size, per_round + per_round // 10)
                         for batch in work[: per_round // 10]:
                             sink.write(batch)  # warm-up
-                        for batch in work[per_round // 10 :]:
+                        timed = work[per_round // 10 :]
+                        cpu_started = time.process_time()
+                        for batch in timed:
                             started = time.perf_counter()
                             sink.write(batch)
                             times[label].append(time.perf_counter() - started)
+                            spin(args.between)
+                        cpu[label] += time.process_time() - cpu_started - len(timed) * args.between / 1e6
                         expected[label] += len(work) * size
                 for label, values in times.items():
                     values.sort()
@@ -92,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     p99 = values[int(0.99 * (len(values) - 1))]
                     print(
                         f"batch {size:4} {label:24} median {1e6 * median:8.0f} µs  p99 {1e6 * p99:8.0f} µs  "
+                        f"CPU {1e6 * cpu[label] / len(values):6.0f} µs  "
                         f"{size / statistics.fmean(values):10,.0f} events/s (one writer)",
                         flush=True,
                     )

@@ -1,6 +1,7 @@
 """The NATS JetStream sink against real nats-server and real gunicorn: what the stream holds, byte for byte,
 retries, the engine away at start and mid-run, a stream that cannot take the subject, bad settings, SIGTERM."""
 
+import asyncio
 import json
 import os
 import re
@@ -16,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
-from analytics.jetstream import message_id, subject_matches
+from analytics.jetstream import _Connection, message_id, subject_matches
 from app import create_app
 from tests.harness.clients import send
 from tests.harness.engines import UNAVAILABLE, get, post, stderr_lines, stdout_lines, wait_for
@@ -74,6 +75,51 @@ def test_message_ids_are_ids_as_they_are_or_encoded_one_to_one():
     encoded = [message_id({"id": event_id}) for event_id in tricky]
     assert len(set(encoded)) == len(tricky)
     assert all(value.isascii() and value.isprintable() and " " not in value for value in encoded)
+
+
+def test_acknowledgements_are_read_alike_however_the_reads_cut_the_bytes():
+    """The sink's parser hands on every acknowledgement (stored, a duplicate, refused, no responders) and leaves
+    other messages to nats-py, the same whether the server's bytes come in one read, in two cut anywhere (a
+    frame split between reads), or a byte at a time."""
+
+    def ack(batch: int, index: int, body: bytes) -> bytes:
+        return b"MSG _INBOX.x.%d.%d 7 %d\r\n%s\r\n" % (batch, index, len(body), body)
+
+    refused = b'{"error":{"code":503,"err_code":10008,"description":"no leader"}}'
+    received = (
+        ack(1, 0, b'{"stream":"S","seq":1}')
+        + ack(1, 1, b'{"stream":"S","seq":2,"duplicate":true}')
+        # Another subscription's message (the JetStream API's answers come so): nats-py's, not the sink's.
+        + b"MSG _INBOX.api.1 3 2\r\n{}\r\n"
+        + b"HMSG _INBOX.x.2.0 7 16 16\r\nNATS/1.0 503\r\n\r\n\r\n"
+        + ack(3, 0, refused)
+        # With a reply subject, which acknowledgements do not have: read the general way, still the sink's.
+        + b"MSG _INBOX.x.3.1 7 _INBOX.reply 2\r\n{}\r\n"
+    )
+    expected = [
+        (b"_INBOX.x.1.0", b'{"stream":"S","seq":1}', None),
+        (b"_INBOX.x.1.1", b'{"stream":"S","seq":2,"duplicate":true}', None),
+        (b"_INBOX.x.2.0", b"", b"NATS/1.0 503\r\n\r\n"),
+        (b"_INBOX.x.3.0", refused, None),
+        (b"_INBOX.x.3.1", b"{}", None),
+    ]
+
+    async def read(pieces: list[bytes]) -> list[tuple[bytes, bytes, bytes | None]]:
+        handed: list[tuple[bytes, bytes, bytes | None]] = []
+        connection = _Connection(lambda subject, data, headers: handed.append((subject, data, headers)))
+        connection.ack_sid = 7
+        for piece in pieces:
+            await connection._ps.parse(piece)
+        assert connection._ps.buf == bytearray()
+        return handed
+
+    async def every_cut() -> None:
+        assert await read([received]) == expected
+        for cut in range(1, len(received)):
+            assert await read([received[:cut], received[cut:]]) == expected, cut
+        assert await read([received[at : at + 1] for at in range(len(received))]) == expected
+
+    asyncio.run(every_cut())
 
 
 def test_building_the_app_starts_nothing_until_first_use(nats_server):
@@ -226,6 +272,32 @@ def test_engine_down_mid_run_recovers_and_loses_nothing(start_server, nats_serve
     stored = Counter(json.loads(message.data)["id"] for message in read_stream([nats_server.url], STREAM))
     assert stored == acknowledged
     assert set(acknowledged.values()) == {1}
+
+
+def test_acknowledgements_missing_past_the_ack_timeout_are_a_503_then_the_retry_is_taken(start_server, nats_server):
+    """A server that takes the messages but answers nothing (stopped, its connection still open) makes the batch a
+    503 once NATS_ACK_TIMEOUT has passed, the reason naming the acknowledgements missing; once it runs again its
+    late answers are dropped, the next batch is taken on the same connection, and the retried events, stored
+    meanwhile, are stored once."""
+    server = start_server(workers=1, env=nats_env(nats_server, NATS_ACK_TIMEOUT="0.5"))
+    wait_for(lambda: get(server, "/readyz")[0] == 200, 30, "not ready")
+    events = [{"type": "late", "id": f"late-{n}"} for n in range(3)]
+    assert nats_server.process
+    nats_server.process.send_signal(signal.SIGSTOP)
+    try:
+        status, headers, body = post(server, events)
+    finally:
+        nats_server.process.send_signal(signal.SIGCONT)
+    assert ((status, body), headers.get("Retry-After")) == (UNAVAILABLE, "5")
+    after = {"type": "after", "id": "after-1"}
+    assert post(server, [after])[::2] == (200, {"success": True, "received": 1})
+    assert post(server, events)[::2] == (200, {"success": True, "received": 3})
+    stored = Counter(json.loads(message.data)["id"] for message in read_stream([nats_server.url], STREAM))
+    assert stored == Counter([event["id"] for event in events] + ["after-1"])
+    assert server.stop() == 0
+    reasons = [line["reason"] for line in stderr_lines(server) if line.get("event") == "event_store_unavailable"]
+    assert reasons == ["3 of 3 JetStream acknowledgements did not arrive within 0.5 s"]
+    assert [line for line in stderr_lines(server) if line.get("event") == "nats_disconnected"] == []
 
 
 def test_stream_that_does_not_take_the_subject(start_server, nats_server):

@@ -29,8 +29,9 @@ CLIENTS = 6
 # leader is elected (JetStream's RAFT takes about 4 to 9 s) but not before RESTART_AT; gunicorn sent SIGTERM
 # this long after the restart, so that the load runs against the healed cluster too.
 KILL_AT, RESTART_AT, SIGTERM_AFTER = 4.0, 9.0, 4.0
-# Beyond the ack timeout, what an answer may take on a busy machine: the sink's hand-over between threads
-# (one second) and scheduling. Far below gunicorn's timeout, so a request stuck on the engine would show.
+# Beyond the ack timeout (which bounds the sink's wait from the hand-over on), what an answer may take on a busy
+# machine: the rest of the request and scheduling. Far below gunicorn's timeout, so a request stuck on the engine
+# would show.
 LATENCY_SLACK = 3.0
 
 
