@@ -4,9 +4,6 @@ Memory is bounded in tests/test_memory.py. Costs here are measured against a
 valid batch in the same run, never against a fixed time: the machine is shared.
 """
 
-import statistics
-import time
-import uuid
 from typing import Any
 
 import orjson
@@ -16,10 +13,10 @@ from flask.testing import FlaskClient
 from analytics.lines import CONTEXT_ALLOWANCE, GROWTH
 from app import create_app
 from config import Config
+from tests.harness.costs import WORST_OVER_VALID, cpu_over_valid
+from tests.harness.events import EXPANDING, LONGEST_ADDRESS, LONGEST_REQUEST_ID, expanding_event
 
 MAX_BODY = Config.MAX_BODY_BYTES
-LONGEST_REQUEST_ID = "r" * 128
-LONGEST_ADDRESS = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
 
 
 def send(client: FlaskClient, body: bytes) -> Any:
@@ -41,23 +38,6 @@ def fill(prefix: bytes, unit: bytes, suffix: bytes, size: int = MAX_BODY) -> byt
 def events_body(event: bytes, count: int) -> bytes:
     """A batch of ``count`` copies of the event ``event`` (JSON text), with a batch timestamp."""
     return b'{"timestamp":1.5,"events":[' + b",".join([event] * count) + b"]}"
-
-
-# Events that grow the most from the bytes sent to the bytes written: raw U+0085 (2 bytes) is
-# written as \u0085 (6), U+2028 (3) as \u2028 (6), 1e15 (4) as 1000000000000000.0 (18), and a
-# numeric timestamp as an RFC 3339 string. (prefix, unit, separator, suffix) of each.
-EXPANDING = {
-    "next_line": (b'{"type":"a","timestamp":0.5,"payload":{"s":"', "\x85".encode(), b"", b'"}}'),
-    "line_separator": (b'{"type":"a","timestamp":0.5,"payload":{"s":"', "\u2028".encode(), b"", b'"}}'),
-    "exponents": (b'{"type":"a","timestamp":0.5,"payload":{"n":[', b"1e15", b",", b"]}}"),
-}
-
-
-def expanding_event(name: str, sent_bytes: int) -> bytes:
-    """An event of kind ``name`` that is about ``sent_bytes`` long as sent."""
-    prefix, unit, separator, suffix = EXPANDING[name]
-    count = max(1, (sent_bytes - len(prefix) - len(suffix)) // (len(unit) + len(separator)))
-    return prefix + separator.join([unit] * count) + suffix
 
 
 def written_lines(capfd: pytest.CaptureFixture[str]) -> list[bytes]:
@@ -114,24 +94,6 @@ def test_log_bytes_per_body_byte(capfd, name):
     assert sum(len(line) + 1 for line in lines) <= GROWTH * len(body) + CONTEXT_ALLOWANCE * count
 
 
-def realistic_event(number: int) -> dict[str, Any]:
-    """A page view of about 700 bytes, as a shop's pages send them."""
-    return {
-        "type": "page_view",
-        "payload": {
-            "url": f"https://shop.example/products/{number}?utm_source=newsletter&utm_medium=email",
-            "referrer": "https://www.example.org/search?q=books",
-            "title": f"Product {number} - The Shop",
-            "screen": "1920x1080",
-            "items": [{"sku": f"BOOK-{item}", "price": 19.5, "quantity": 1} for item in range(8)],
-        },
-        "userId": f"user-{number}",
-        "sessionId": str(uuid.uuid4()),
-        "id": str(uuid.uuid4()),
-        "timestamp": "2024-05-20T14:32:00.123Z",
-    }
-
-
 def per_event(event: bytes) -> bytes:
     """A full body of copies of ``event``, at most MAX_EVENTS of them."""
     return events_body(event, min(Config.MAX_EVENTS, (MAX_BODY - 64) // (len(event) + 1)))
@@ -158,15 +120,6 @@ WORST_BODIES = {
     "unknown_fields": per_event(b'{"type":"a","zz":[' + b",".join([b"[0]"] * 250) + b"]}"),
     "escapes": fill(b'{"events":[{"type":"a"}],"x":[', b'"\\u0085\\u0000"', b"]}"),
 }
-# "A few times" a valid batch of a thousand events, as the worst any body may cost.
-WORST_OVER_VALID = 5
-
-
-def cpu_seconds(client: FlaskClient, body: bytes) -> float:
-    """The CPU time this process spends answering ``body`` (the service runs in it: Flask's test client)."""
-    start = time.process_time()
-    client.post("/api/analytics", data=body)
-    return time.process_time() - start
 
 
 def test_no_body_costs_more_than_a_few_valid_batches(capfd):
@@ -177,21 +130,10 @@ def test_no_body_costs_more_than_a_few_valid_batches(capfd):
     parsed. Medians of interleaved runs, CPU time rather than wall time, so other load matters less.
     """
     client = create_app({"TESTING": True}).test_client()
-    valid = orjson.dumps({"events": [realistic_event(number) for number in range(Config.MAX_EVENTS)]})
-    assert client.post("/api/analytics", data=valid).json == {"success": True, "received": Config.MAX_EVENTS}
     for name, body in WORST_BODIES.items():
         assert len(body) <= MAX_BODY, name
         assert client.post("/api/analytics", data=body).status_code in (200, 400), name
-    capfd.readouterr()
-    costs: dict[str, list[float]] = {name: [] for name in ["valid", *WORST_BODIES]}
-    for _ in range(5):
-        costs["valid"].append(cpu_seconds(client, valid))
-        for name, body in WORST_BODIES.items():
-            costs[name].append(cpu_seconds(client, body))
-        capfd.readouterr()
-    valid_cost = statistics.median(costs.pop("valid"))
-    ratios = {name: round(statistics.median(times) / valid_cost, 1) for name, times in costs.items()}
-    print("CPU per body over a valid batch's:", ratios)  # shown by pytest -rP
+    ratios = cpu_over_valid(capfd, {name: (client, body) for name, body in WORST_BODIES.items()})
     assert max(ratios.values()) <= WORST_OVER_VALID, ratios
 
 

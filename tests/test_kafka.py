@@ -5,7 +5,6 @@ the broker fenced or whose id it gave away, bad settings (secrets never echoed),
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -22,7 +21,7 @@ from analytics.kafka import REPORT_SLACK, KafkaSink, record_key
 from app import create_app
 from tests.harness.clients import send
 from tests.harness.engines import UNAVAILABLE, get, post, stderr_lines, stdout_lines, wait_for
-from tests.harness.gunicorn import GUNICORN, ROOT, Server, free_port
+from tests.harness.gunicorn import Server, refusal, run_gunicorn
 from tests.harness.kafka import KafkaBroker, create_topic, read_topic, running_broker
 from tests.harness.load import expected_answer, make_batches, run_load, summarize
 
@@ -438,16 +437,8 @@ def test_a_broker_that_gave_the_producer_id_to_another_producer_is_not_believed(
 def test_bad_kafka_setting_stops_gunicorn_with_one_line(variable, value, named):
     """A bad SINKS or KAFKA_* setting is one line on stderr naming it, and a non-zero exit, before any worker;
     a secret of KAFKA_CONFIG is never written, even when librdkafka's refusal quotes it."""
-    environment = {**os.environ, "WEB_CONCURRENCY": "2", "PORT": str(free_port()), "ANALYTICS_SINKS": "kafka"}
-    environment[variable] = value
-    result = subprocess.run(
-        [str(GUNICORN), "wsgi:app"], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode != 0
-    refusals = [line for line in result.stderr.splitlines() if line.startswith("analytics: cannot start:")]
-    assert len(refusals) == 1, result.stderr
-    assert named in refusals[0]
-    assert "Traceback" not in result.stderr
+    result = run_gunicorn({"ANALYTICS_SINKS": "kafka", variable: value})
+    assert named in refusal(result)
     assert "hunter2" not in result.stderr + result.stdout
 
 

@@ -26,11 +26,11 @@ from analytics.eventlog import StdoutSink
 from analytics.metrics import events_dropped
 from app import create_app, register_extensions
 from config import Config, SettingsError
-from tests.harness.clients import SlowUpload
-from tests.harness.gunicorn import GUNICORN, ROOT, Server
+from tests.harness.clients import OUTSIDER, SlowUpload, connect
+from tests.harness.gunicorn import GUNICORN, ROOT, Server, refusal, run_gunicorn
 from tests.harness.lines import strict_json
 from tests.harness.load import expected_answer, make_batches, run_load, sized_event, summarize
-from tests.test_nginx import NGINX, OUTSIDER, Nginx, connect
+from tests.harness.nginx import Nginx, needs_nginx
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
@@ -400,12 +400,8 @@ def test_the_metrics_directory_is_in_memory_unless_tmpdir_says_otherwise(start_s
 
 def test_a_refused_start_leaves_no_metrics_directory(tmp_path):
     """A bad setting stops gunicorn in the master; the directory it made for the workers goes with it."""
-    environment = {**os.environ, "TMPDIR": str(tmp_path), "ANALYTICS_METRICS_ALLOW": "internal", "PORT": "0"}
-    run = subprocess.run(
-        [str(GUNICORN), "wsgi:app"], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60
-    )
-    assert run.returncode == 1
-    assert "analytics: cannot start: METRICS_ALLOW: 'internal' is not an address or a CIDR network" in run.stderr
+    line = refusal(run_gunicorn({"TMPDIR": str(tmp_path), "ANALYTICS_METRICS_ALLOW": "internal"}))
+    assert line == "analytics: cannot start: METRICS_ALLOW: 'internal' is not an address or a CIDR network"
     assert metrics_dirs(tmp_path) == []
 
 
@@ -471,7 +467,7 @@ def test_a_dead_workers_counts_stay_and_its_gauge_goes(start_server):
 # Through the sample nginx configuration.
 
 
-@pytest.mark.skipif(not os.access(NGINX, os.X_OK), reason=f"nginx is not installed ({NGINX}); apt-get install nginx")
+@needs_nginx
 def test_nginx_keeps_metrics_internal(start_server, tmp_path):
     """deploy/nginx.conf passes /metrics on only for the local network's addresses; to anyone else it answers
     itself, with the JSON 404 of an unknown path, and the service never sees the request."""

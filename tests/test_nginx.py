@@ -4,117 +4,29 @@ nginx's own answers as JSON."""
 import gzip
 import http.client
 import json
-import os
-import pwd
 import re
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from tests.harness.clients import SlowUpload, parse_response, read_until_closed, send
-from tests.harness.gunicorn import ROOT, Server, free_port
+from tests.harness.clients import OUTSIDER, SlowUpload, connect, parse_response, read_until_closed, send
+from tests.harness.gunicorn import Server, free_port, logged
 from tests.harness.lines import strict_json
 
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-CONF = ROOT / "deploy" / "nginx.conf"
+# NGINX and ipv6_loopback only for test_enrich.py, which imports them from here until it imports from tests/harness.
+from tests.harness.nginx import NGINX, Nginx, ipv6_loopback, needs_nginx  # noqa: F401
+
 LIMIT = 1024 * 1024
-# An address of this host that the service does not trust as a proxy: a client elsewhere, as far as it knows.
-OUTSIDER = "127.0.0.2"
 # Event lines with the client's whole address, not the default anonymized one.
 FULL_ADDRESSES = {"ANALYTICS_CLIENT_IP": "full"}
 
-pytestmark = pytest.mark.skipif(
-    not os.access(NGINX, os.X_OK), reason=f"nginx is not installed ({NGINX}); apt-get install nginx"
-)
-
-
-def ipv6_loopback() -> bool:
-    """Whether ::1 can be bound here (some containers have no IPv6)."""
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-class Nginx:
-    """Debian's nginx in the foreground with deploy/nginx.conf, its ports and log directory the only changes."""
-
-    def __init__(self, tmp_path: Path, upstream_port: int) -> None:
-        self.dir = tmp_path / f"nginx-{upstream_port}"
-        self.dir.mkdir()
-        self.port = free_port()
-        self.access_log = self.dir / "analytics.access.log"
-        self.error_log = self.dir / "error.log"
-        site = CONF.read_text()
-        for old, new in [
-            ("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};"),
-            ("listen 80;", f"listen 127.0.0.1:{self.port};"),
-            ("listen [::]:80;", f"listen [::1]:{self.port};" if ipv6_loopback() else ""),
-            ("/var/log/nginx/", f"{self.dir}/"),
-        ]:
-            assert old in site, f"deploy/nginx.conf no longer has {old!r}"
-            site = site.replace(old, new)
-        (self.dir / "analytics.conf").write_text(site)
-        # Only what a distribution's nginx.conf provides around the site: the main context.
-        user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
-        (self.dir / "nginx.conf").write_text(
-            f"""{user}
-worker_processes 1;
-daemon off;
-pid {self.dir}/nginx.pid;
-events {{ worker_connections 256; }}
-http {{
-    default_type application/octet-stream;
-    client_body_temp_path {self.dir}/client_body;
-    proxy_temp_path {self.dir}/proxy;
-    fastcgi_temp_path {self.dir}/fastcgi;
-    uwsgi_temp_path {self.dir}/uwsgi;
-    scgi_temp_path {self.dir}/scgi;
-    access_log {self.dir}/access.log;
-    include {self.dir}/analytics.conf;
-}}
-"""
-        )
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> "Nginx":
-        """Start nginx and wait until it accepts connections."""
-        command = [NGINX, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf"), "-e", str(self.error_log)]
-        check = subprocess.run([*command, "-t"], capture_output=True, text=True)
-        assert check.returncode == 0, check.stderr
-        assert "[warn]" not in check.stderr, check.stderr
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.error_log.read_text()
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"nginx did not start: {self.error_log.read_text()}")
-
-    def stop(self) -> None:
-        """Stop nginx (SIGQUIT: graceful) and wait for it."""
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-
-    def access(self) -> list[dict[str, Any]]:
-        """The whole JSON lines of the site's access log so far."""
-        raw = self.access_log.read_bytes()
-        return [strict_json(line) for line in raw[: raw.rfind(b"\n") + 1].splitlines()]
+pytestmark = needs_nginx
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +42,6 @@ def stack(
     nginx = Nginx(tmp_path_factory.mktemp("nginx"), server.port).start()
     yield server, nginx
     nginx.stop()
-
-
-def connect(port: int, source: str | None = None) -> http.client.HTTPConnection:
-    """A keep-alive HTTP/1.1 connection to a loopback port, from ``source`` if given."""
-    return http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0) if source else None)
 
 
 def request(
@@ -153,20 +60,6 @@ def events_body(tag: str, count: int = 1, pad_to: int | None = None) -> bytes:
         assert len(body) <= pad_to
         body += b" " * (pad_to - len(body))
     return body
-
-
-def logged(server: Server, event_id: str, timeout: float = 10) -> dict[str, Any]:
-    """The event line with ``event_id``, once it is on stdout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        # Only whole lines: a large batch may be half read from the pipe right now.
-        raw = bytes(server.stdout)
-        for line in raw[: raw.rfind(b"\n") + 1].splitlines():
-            event = strict_json(line)
-            if event.get("id") == event_id:
-                return event
-        time.sleep(0.02)
-    raise AssertionError(f"{event_id} not logged")
 
 
 def wait_for_access(nginx: Nginx, timeout: float = 10, **match: str) -> dict[str, Any]:

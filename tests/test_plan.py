@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 from flask import Flask
 
@@ -16,9 +15,9 @@ from analytics.plan import FIRST_ONLY, MAX_VIOLATIONS_BYTES, MORE, UNPLANNED_MES
 from app import create_app
 from bench.payloads import make_body
 from config import Config, SettingsError
+from tests.harness.costs import WORST_OVER_VALID, cpu_over_valid
 from tests.harness.lines import parse_lines, strict_json
 from tests.harness.openapi import assert_matches
-from tests.test_bounds import WORST_OVER_VALID, realistic_event
 
 ROOT = Path(__file__).parent.parent
 EXAMPLE_PLAN = ROOT / "plans" / "example.json"
@@ -565,21 +564,10 @@ HOSTILE_BODIES = {
 def test_explaining_violations_costs_at_most_a_few_valid_batches(tmp_path, capfd):
     """Bodies of events with as many violations as fit cost, in flag mode, no more than tests/test_bounds.py allows
     any body (a few times a valid batch of a thousand events without a plan), measured in turns, CPU time."""
-    plain = create_app({"TESTING": True}).test_client()
     planned = plan_app(tmp_path, HOSTILE_PLAN, TRACKING_PLAN_MODE="flag").test_client()
-    valid = orjson.dumps({"events": [realistic_event(number) for number in range(Config.MAX_EVENTS)]})
     for name, body in HOSTILE_BODIES.items():
         assert len(body) <= Config.MAX_BODY_BYTES, name
         answer = planned.post("/api/analytics", data=body).json
         assert len(answer["flagged"]) == answer["received"] > 0, name
-    costs: dict[str, list[float]] = {name: [] for name in ["valid", *HOSTILE_BODIES]}
-    for _ in range(5):
-        for name, client, body in [("valid", plain, valid), *((n, planned, b) for n, b in HOSTILE_BODIES.items())]:
-            start = time.process_time()
-            client.post("/api/analytics", data=body)
-            costs[name].append(time.process_time() - start)
-        capfd.readouterr()
-    valid_cost = statistics.median(costs.pop("valid"))
-    ratios = {name: round(statistics.median(times) / valid_cost, 1) for name, times in costs.items()}
-    print("CPU per body over a valid batch's:", ratios)  # shown by pytest -rP
+    ratios = cpu_over_valid(capfd, {name: (planned, body) for name, body in HOSTILE_BODIES.items()})
     assert max(ratios.values()) <= WORST_OVER_VALID, ratios

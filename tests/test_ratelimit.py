@@ -20,12 +20,11 @@ import pytest
 
 from app import create_app
 from config import SettingsError
-from tests.harness.gunicorn import ROOT, Server
+from tests.harness.gunicorn import ROOT, Server, refusal, run_gunicorn
 from tests.harness.lines import strict_json
+from tests.harness.nginx import Nginx, needs_nginx
 from tests.harness.openapi import assert_matches, documented
 from tests.harness.redis import REDIS_SERVER, RedisServer
-from tests.test_nginx import NGINX, Nginx
-from tests.test_startup import run_gunicorn
 
 TOO_MANY = {"error": "Too many requests"}
 ACCEPTED = {"success": True, "received": 1}
@@ -37,7 +36,6 @@ needs_redis = pytest.mark.skipif(
     not os.access(REDIS_SERVER, os.X_OK),
     reason=f"redis-server is not installed ({REDIS_SERVER}); apt-get install redis-server",
 )
-needs_nginx = pytest.mark.skipif(not os.access(NGINX, os.X_OK), reason=f"nginx is not installed ({NGINX})")
 
 
 def batch(tag: str) -> bytes:
@@ -212,11 +210,7 @@ def test_bad_settings_stop_the_start(settings, message):
 )
 def test_bad_setting_stops_gunicorn_with_one_line(variable, value, named):
     """Under gunicorn with several workers, a bad rate or storage is one line on stderr naming it, and exit 1."""
-    result = run_gunicorn({variable: value})
-    assert result.returncode != 0
-    refusals = [line for line in result.stderr.splitlines() if line.startswith("analytics: cannot start:")]
-    assert len(refusals) == 1 and named in refusals[0], result.stderr
-    assert "Traceback" not in result.stderr
+    assert named in refusal(run_gunicorn({variable: value}))
 
 
 # --- real gunicorn ----------------------------------------------------------------------------------------------

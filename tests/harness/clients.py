@@ -1,4 +1,5 @@
-"""HTTP clients for what a polite client never does: a request sent a piece at a time, a raw socket read to its end."""
+"""HTTP clients: a keep-alive connection from a chosen loopback address, and what a polite client never does: a
+request sent a piece at a time, a raw socket read to its end."""
 
 import http.client
 import socket
@@ -6,6 +7,14 @@ import time
 from typing import Any
 
 from tests.harness.lines import strict_json
+
+# An address of this host that the service does not trust as a proxy: a client elsewhere, as far as it knows.
+OUTSIDER = "127.0.0.2"
+
+
+def connect(port: int, source: str | None = None) -> http.client.HTTPConnection:
+    """A keep-alive HTTP/1.1 connection to a loopback port, from ``source`` if given."""
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0) if source else None)
 
 
 def send(port: int, body: bytes, timeout: float = 30) -> tuple[int, dict[str, str], Any]:

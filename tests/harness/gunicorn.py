@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 GUNICORN = Path(sys.executable).with_name("gunicorn")
 # The type of the events Server.fence sends; no test sends it itself.
 FENCE = "test_fence"
+# How the one line begins that gunicorn.conf.py's on_starting writes when a bad setting stops the start.
+REFUSAL = "analytics: cannot start: "
 
 
 def children(pid: int) -> set[int]:
@@ -304,3 +306,42 @@ class Server:
                 return response.status, dict(response.headers), strict_json(response.read())
         except urllib.error.HTTPError as error:
             return error.code, dict(error.headers), strict_json(error.read())
+
+
+def logged(server: Server, event_id: str, timeout: float = 10) -> dict[str, Any]:
+    """The event line with ``event_id``, once it is on stdout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        # Only whole lines: a large batch may be half read from the pipe right now.
+        raw = bytes(server.stdout)
+        for line in raw[: raw.rfind(b"\n") + 1].splitlines():
+            event = strict_json(line)
+            if event.get("id") == event_id:
+                return event
+        time.sleep(0.02)
+    raise AssertionError(f"{event_id} not logged")
+
+
+def run_gunicorn(env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run gunicorn with four workers and ``env`` until it exits by itself, within ``timeout``: a start to refuse."""
+    environment = {**os.environ, "WEB_CONCURRENCY": "4", "PORT": str(free_port()), **env}
+    return subprocess.run(
+        [str(GUNICORN), "wsgi:app"], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def refusal(result: subprocess.CompletedProcess) -> str:
+    """The one line with which gunicorn refused to start, checked to be all there is to read: exit status 1, that
+    line once on stderr, gunicorn's own JSON lines beside it (no traceback), no worker booted, nothing on stdout.
+
+    Before the settings were checked in the master, each worker failed on its own with a traceback and gunicorn
+    ended with "Worker failed to boot", which buried the one line that matters.
+    """
+    lines = result.stderr.splitlines()
+    refusals = [line for line in lines if line.startswith(REFUSAL)]
+    assert (result.returncode, len(refusals)) == (1, 1), result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    others = [strict_json(line) for line in lines if not line.startswith(REFUSAL)]
+    assert [line for line in others if "worker" in line["event"].lower()] == [], result.stderr
+    assert result.stdout == ""
+    return refusals[0]
