@@ -449,8 +449,9 @@ def test_a_dead_workers_counts_stay_and_its_gauge_goes(start_server):
     before = samples_of(server)
     assert value(before, "analytics_events_accepted_total") == events
     assert value(before, "analytics_workers") == 2
-    os.kill(victim, signal.SIGKILL)
+    # Listed before the kill: listed after it, the list could hold the replacement already, on a busy machine.
     survivors = server.worker_pids() - {victim}
+    os.kill(victim, signal.SIGKILL)
     wait_until(lambda: len(server.worker_pids() - survivors - {victim}) == 1, "gunicorn replaced the worker")
     [replacement] = server.worker_pids() - survivors
     # Once the replacement has served a request it has booted, gauge and all.
