@@ -3,7 +3,8 @@
 Its modules by job: ``cli`` (the command line), ``payloads`` (request bodies),
 ``servers`` (the floor and the service under gunicorn), ``natsstore`` (the
 nats-server the nats sink writes to), ``kafkastore`` (the Kafka broker), ``wrk`` (driving wrk),
-``measure`` (one run, checked) and ``report`` (the table and the raw results).
+``measure`` (one run, checked) and ``report`` (the table and the raw results); ``inprocess`` calls the two
+apps in one process, without gunicorn.
 """
 
 import time

@@ -268,3 +268,20 @@ def test_harness_runs_a_variant_with_its_settings(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stdout + done.stderr
     assert "service (sync) [small] answered 413" in done.stderr
     assert "service (sync) answered" not in done.stderr
+
+
+def test_inprocess_bench_prints_a_row_per_batch_and_writes_no_line_on_its_stdout() -> None:
+    """bench/inprocess.py answers every request of both apps (it checks each answer) and prints only its table:
+    the event lines went to /dev/null."""
+    run = subprocess.run(
+        [sys.executable, "bench/inprocess.py", "--batches", "1,10", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    rows = [line.split(" | ") for line in run.stdout.splitlines() if line[:1].isdigit()]
+    assert [row[0] for row in rows] == ["1", "10"]
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
+    assert len(run.stdout.splitlines()) == 3
