@@ -134,8 +134,8 @@ class Enricher:
         self._is_excluded = lru_cache(maxsize=1024)(lambda ip: any(ip in network for network in excluded))
         self.exclude = bool(excluded)
         self.user_agents = self.bots = None
-        # Each built in the worker before it serves (build), never in gunicorn's master: the bot rules add about
-        # 5 MiB to a worker, the whole parser 27 (analytics/useragent.py).
+        # Each built in the worker before it serves (build), never in gunicorn's master: the bot rules add 3.5 to
+        # 4.5 MiB to a worker, the whole parser 27 (analytics/useragent.py).
         if settings["BOTS"] != "off" or settings["PARSE_USER_AGENT"]:
             from analytics.useragent import Bots, UserAgents
 

@@ -5,7 +5,7 @@ Two checks, each cached in a cache bounded in bytes (headers are client-chosen):
 - ``Bots``, on by default (BOTS): uap-core's crawler rules only (the device rules
   whose family is "Spider"), run by ua-parser-rs, plus the markers of browsers
   driven by programs. It gives the verdict the whole parser's device family gives,
-  at a fraction of its memory and time: about 5 MiB in a worker instead of 27.
+  at a fraction of its memory and time: 3.5 to 4.5 MiB of a worker instead of 27.
 - ``UserAgents`` (PARSE_USER_AGENT, off by default): the whole of ua-parser (the
   uap-core rules, precompiled by ua-parser-builtins) run by ua-parser-rs, the Rust
   resolver. Rust's regex engine takes time linear in the string whatever the rules
@@ -17,10 +17,13 @@ Two checks, each cached in a cache bounded in bytes (headers are client-chosen):
   with it built instead of 41, which is why parsing is a setting, off by default.
 """
 
+import ast
+import importlib.util
 import re
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from analytics.enrich import BoundedCache
@@ -66,6 +69,30 @@ def clean(value: str | None, unknown: str = "Other") -> str:
     return UNPRINTABLE.sub("", value or "")[:MAX_FIELD_CHARS] or unknown
 
 
+def device_rules() -> list[tuple[str, str | None, str]]:
+    """uap-core's device rules in their order, as ua-parser-builtins holds them: (regex, flag, family).
+
+    Read from its lazy module's text (one ``DeviceMatcher(...)`` of literals a line),
+    not imported: importing it imports ua_parser, and PyYAML with it, which only the
+    whole parser needs (0.9 MiB of a worker). tests/test_enrich.py checks the two agree.
+    """
+    spec = importlib.util.find_spec("ua_parser_builtins.lazy")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("ua-parser-builtins is not installed")
+    rules = []
+    for line in Path(spec.origin).read_text().splitlines():
+        line = line.strip()
+        if line.startswith("DeviceMatcher("):
+            call = ast.parse(line.rstrip(","), mode="eval").body
+            assert isinstance(call, ast.Call)
+            regex, flag, family = ([ast.literal_eval(argument) for argument in call.args] + [None, None])[:3]
+            # The matcher's own default: the family is the first group.
+            rules.append((regex, flag, family or "$1"))
+    if not any(family == SPIDER for _, _, family in rules):
+        raise RuntimeError(f"no crawler rules in {spec.origin}: has ua-parser-builtins changed its layout?")
+    return rules
+
+
 # uap-core's crawler rules as Rust regexes, each named by its place in the second: for each, the device rules
 # before it that are not crawlers', as Python regexes.
 CrawlerRules = tuple[Any, list[tuple[re.Pattern[str], ...]]]
@@ -79,22 +106,21 @@ def crawler_rules() -> CrawlerRules:
     (``bot``, ``crawl``, ``spider``, ``silk``, ``WhatsApp``... anywhere in the first 100
     characters). The 600-odd rules between are only needed for a header the catch-all
     matches: they are what makes a Kindle's "Silk" browser or a "CUBOT" phone a device
-    and not a crawler. Python's re holds them in about 0.6 MiB where Rust's engine
+    and not a crawler. Python's re holds them in a quarter of a MiB where Rust's engine
     takes over 20; they run only for headers a crawler rule matched, once each.
     """
-    # Imported here, in the worker that checks, as the engine is: the module holds all of uap-core's rules as text.
+    # Imported here, in the worker that checks.
     import ua_parser_rs
-    from ua_parser_builtins.lazy import MATCHERS
 
-    devices = MATCHERS[2]
-    last = max(index for index, device in enumerate(devices) if device.family == SPIDER)
+    devices = device_rules()
+    last = max(index for index, (_, _, family) in enumerate(devices) if family == SPIDER)
     crawlers, earlier, before = [], [], []
-    for device in devices[: last + 1]:
-        if device.family == SPIDER:
-            crawlers.append((device.regex, device.regex_flag, str(len(earlier)), "", ""))
+    for regex, flag, family in devices[: last + 1]:
+        if family == SPIDER:
+            crawlers.append((regex, flag, str(len(earlier)), "", ""))
             earlier.append(tuple(before))
         else:
-            before.append(re.compile(device.regex, re.IGNORECASE if device.regex_flag == "i" else 0))
+            before.append(re.compile(regex, re.IGNORECASE if flag == "i" else 0))
     extractor = ua_parser_rs.DeviceExtractor(crawlers)
     for sample in WARM_UP:
         match = extractor.extract(sample)

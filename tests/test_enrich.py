@@ -30,6 +30,7 @@ from analytics.useragent import (
     MAX_UA_CHARS,
     Bots,
     UserAgents,
+    device_rules,
 )
 from app import create_app
 from config import SettingsError
@@ -55,8 +56,8 @@ HEADLESS_CHROME = (
 GPTBOT = "Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; GPTBot/1.2; +https://openai.com/gptbot)"
 # Real user agents, most of them from uap-core's own tests: see the file's head.
 CORPUS = ROOT / "tests" / "data" / "user_agents.txt"
-# What the bot check may add to a worker: its rules, their engine, its cache full (about 5 MiB; the whole parser 27).
-BOTS_MAX_KIB = 8 * 1024
+# What the bot check may add to a worker: its rules, their engine, its cache full (4.5 MiB; the whole parser 27).
+BOTS_MAX_KIB = 6 * 1024
 
 # Real user agents: what the line says of each, and whether it is a bot.
 USER_AGENTS = {
@@ -223,6 +224,14 @@ def test_user_agent_fields_and_bots(user_agents, bots, name):
     assert (user_agents.parse(header), bots(header)) == (fields, bot)
     # Read again from the caches: the same answer.
     assert (user_agents.parse(header), bots(header)) == (fields, bot)
+
+
+def test_device_rules_are_those_ua_parser_loads():
+    """The device rules read from ua-parser-builtins' text are, in order, those its module gives ua_parser."""
+    from ua_parser_builtins.lazy import MATCHERS
+
+    rules = device_rules()
+    assert rules == [(matcher.regex, matcher.regex_flag, matcher.family) for matcher in MATCHERS[2]]
 
 
 def test_bot_check_agrees_with_the_whole_parser(user_agents):
@@ -441,15 +450,16 @@ def test_default_lines_flag_bots_only(capfd, agent, bot):
     ("settings", "imported", "built"),
     [
         ({"BOTS": "off"}, [], []),
-        ({}, ["analytics.useragent"], ["analytics.useragent", "ua_parser", "ua_parser_builtins.lazy", "ua_parser_rs"]),
+        ({}, ["analytics.useragent"], ["analytics.useragent", "ua_parser_rs"]),
+        ({"PARSE_USER_AGENT": True}, ["analytics.useragent"], ["analytics.useragent", "ua_parser", "ua_parser_rs"]),
     ],
-    ids=["bots off", "defaults"],
+    ids=["bots off", "defaults", "parsing"],
 )
 def test_user_agent_modules_load_only_when_used(settings, imported, built):
     """With BOTS off and PARSE_USER_AGENT off nothing of user agents is imported, even once a worker builds what
-    enrichment needs; with the defaults the engine and the rules are imported by that build (each worker's, before
-    it serves), never by building the app (as gunicorn's master does)."""
-    names = ("analytics.useragent", "ua_parser", "ua_parser_rs", "ua_parser_builtins.lazy")
+    enrichment needs; with the defaults the engine is imported by that build (each worker's, before it serves),
+    never by building the app (as gunicorn's master does), and ua_parser itself only to parse."""
+    names = ("analytics.useragent", "ua_parser", "ua_parser_rs")
     code = (
         "import sys; from app import create_app; "
         f"app = create_app({{'TESTING': True, **{settings!r}}}); "
