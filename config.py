@@ -102,9 +102,10 @@ class Config:
     CLIENT_IP = "anonymized"
     # With a secret (32 characters or more), each line carries visitor_id, a keyed hash rotating daily.
     VISITOR_ID_SECRET = ""
-    # Parse the User-Agent header into each line's ua and bot fields (about 27 MiB more per worker).
+    # Parse the User-Agent header into each line's ua field (about 27 MiB more per worker).
     PARSE_USER_AGENT = False
-    # Events from bots (crawlers, headless browsers): "keep" (flagged bot: true) or "drop" (answered, not written).
+    # Events from bots (crawlers, headless browsers): "keep" (flagged bot: true), "drop" (answered, not written),
+    # or "off" (not looked for: no bot field).
     BOTS = "keep"
     # Addresses or CIDR networks (the site owner's office) whose events are answered as usual and not written.
     EXCLUDE_IPS: list[str] = []
@@ -367,10 +368,8 @@ def check_enrichment_settings(settings: dict) -> None:
             f"VISITOR_ID_SECRET must be empty (no visitor_id) or at least {MIN_SECRET_CHARS} characters, "
             f"not {len(secret)} (python3 -c 'import secrets; print(secrets.token_urlsafe(32))' makes one)"
         )
-    if settings["BOTS"] not in ("keep", "drop"):
-        raise SettingsError(f"BOTS must be keep or drop, not {settings['BOTS']!r}")
-    if settings["BOTS"] == "drop" and not settings["PARSE_USER_AGENT"]:
-        raise SettingsError("BOTS is drop but PARSE_USER_AGENT is false: bots are known by parsing the user agent")
+    if settings["BOTS"] not in ("keep", "drop", "off"):
+        raise SettingsError(f"BOTS must be keep, drop or off, not {settings['BOTS']!r}")
 
 
 def browser_origin(origin: str) -> str:

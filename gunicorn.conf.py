@@ -44,7 +44,7 @@ def post_worker_init(worker: Any) -> None:
         sink = worker.wsgi.extensions.get(name)
         if sink:
             sink.start()
-    # The user agent parser (PARSE_USER_AGENT), built here rather than in the master or on the first request.
+    # The bot rules and the user agent parser (BOTS, PARSE_USER_AGENT), built here, not in the master or on a request.
     worker.wsgi.extensions["ingestor"].enricher.build()
     from analytics.metrics import worker_started
 

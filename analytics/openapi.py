@@ -456,8 +456,9 @@ def _ingest_operations(config: Mapping[str, Any]) -> dict[str, Any]:
             "default; a JetStream stream with nats) before the 200 is sent. A batch is checked whole before "
             "anything is written. A line holds the event and the request's context: batch_timestamp, received_at, "
             "request_id, client_ip (anonymized unless CLIENT_IP says full or none), and as the settings say "
-            "derived_timestamp (the event's time corrected for the client's clock), visitor_id, ua and bot. "
-            "Batches from bots under BOTS=drop and from EXCLUDE_IPS are answered as any other and not written.",
+            "derived_timestamp (the event's time corrected for the client's clock), visitor_id, ua, and bot "
+            "(true on a bot's lines only, by default). Batches from bots under BOTS=drop and from EXCLUDE_IPS are "
+            "answered as any other and not written.",
             "operationId": "ingest",
             # Content-Encoding is described with the body, not as a parameter: a parameter would say any of its
             # values goes with any body, and a gzip body is another body.
