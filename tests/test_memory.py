@@ -10,15 +10,13 @@ holds on to) and at the end for its peak (what one request may take).
 
 import gzip
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
 
 from config import Config
+from tests.harness.memory import MAX_HELD_KIB, memory_kib
 
-# What a worker may hold between requests. Started, it holds about 37 MiB.
-MAX_HELD_KIB = 64 * 1024
 # What it may reach while serving one: parsing a MAX_BODY_BYTES body of empty arrays
 # alone takes about 34 MiB (350,000 lists), gone again once the request is done.
 MAX_PEAK_KIB = 80 * 1024
@@ -30,12 +28,6 @@ GZIP = {**JSON, "Content-Encoding": "gzip"}
 
 # A shape's request: its name, body, headers and the status it must get.
 Request = tuple[str, bytes, dict[str, str], int]
-
-
-def memory_kib(pid: int) -> dict[str, int]:
-    """The process's resident memory now (VmRSS) and at its peak (VmHWM), in KiB."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return {name: int(fields[name].split()[0]) for name in ("VmRSS", "VmHWM")}
 
 
 def batch(events: list[Any]) -> bytes:

@@ -18,9 +18,7 @@ import pytest
 from tests.harness.clients import OUTSIDER, SlowUpload, connect, parse_response, read_until_closed, send
 from tests.harness.gunicorn import Server, free_port, logged
 from tests.harness.lines import strict_json
-
-# NGINX and ipv6_loopback only for test_enrich.py, which imports them from here until it imports from tests/harness.
-from tests.harness.nginx import NGINX, Nginx, ipv6_loopback, needs_nginx  # noqa: F401
+from tests.harness.nginx import Nginx, needs_nginx
 
 LIMIT = 1024 * 1024
 # Event lines with the client's whole address, not the default anonymized one.
