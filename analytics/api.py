@@ -1,13 +1,12 @@
 """The blueprint of the JSON API: ingestion and the health check."""
 
-from datetime import UTC, datetime
-
 from flask import Blueprint, Response, current_app, g, request
 
 from analytics import messages
 from analytics.body import parse_json, read_body
 from analytics.errors import ApiError
 from analytics.ingest import Ingestor, collector_paused
+from analytics.timestamps import utc_now
 
 bp = Blueprint("api", __name__)
 
@@ -15,7 +14,7 @@ bp = Blueprint("api", __name__)
 @bp.post("/api/analytics")
 def ingest() -> dict:
     """Accept a batch: log its valid events, report the invalid ones."""
-    received_at = datetime.now(UTC)
+    received_at = utc_now()
     ingestor: Ingestor = current_app.extensions["ingestor"]
     config = current_app.config
     body = read_body(request, config["MAX_BODY_BYTES"], config["BODY_READ_TIMEOUT"])

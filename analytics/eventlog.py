@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import orjson
 import structlog
 
-from analytics.lines import escape_line_breaks
+from analytics.lines import TIME_OPTIONS, escape_line_breaks
 from analytics.stdout import LockedWriter
 
 
@@ -81,7 +81,7 @@ def render_lines(logger: Any, method_name: str, event_dict: dict[str, Any]) -> t
     replaced by it: one join builds the whole buffer, and one scan escapes its line breaks.
     """
     events = event_dict.pop("events")
-    utc = orjson.OPT_UTC_Z
+    utc = TIME_OPTIONS
     ending = (b"," + orjson.dumps(event_dict, option=utc)[1:] if event_dict else b"}") + b"\n"
     if all([next(iter(event)) == "type" for event in events]):
         # Clients send the type first (analytics.js does): each event's own JSON, braces off, follows "kind"

@@ -42,6 +42,10 @@ def escape_line_breaks(data: bytes) -> bytes:
     return data
 
 
+# Times are written in UTC with "Z"; naive ones (as the service makes them: analytics.timestamps) are UTC.
+TIME_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
+
+
 def encode(value: Any) -> bytes:
     """``value`` as the bytes a line holds: compact JSON (UTC times with Z), line breaks escaped."""
-    return escape_line_breaks(orjson.dumps(value, option=orjson.OPT_UTC_Z))
+    return escape_line_breaks(orjson.dumps(value, option=TIME_OPTIONS))

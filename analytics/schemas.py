@@ -10,7 +10,7 @@ from analytics.timestamps import parse_timestamp
 
 
 class Timestamp(fields.Field):
-    """ISO 8601 string or Unix time number, loaded as an aware UTC datetime."""
+    """ISO 8601 string or Unix time number, loaded as a naive datetime in UTC (analytics.timestamps)."""
 
     default_error_messages = {
         "invalid": "Not a valid timestamp: use an ISO 8601 string or Unix time in seconds or milliseconds."
