@@ -3,10 +3,8 @@ retries, the engine away at start and mid-run, a stream that cannot take the sub
 
 import asyncio
 import json
-import os
 import re
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -21,7 +19,7 @@ from analytics.jetstream import _Connection, message_id, subject_matches
 from app import create_app
 from tests.harness.clients import send
 from tests.harness.engines import UNAVAILABLE, get, post, stderr_lines, stdout_lines, wait_for
-from tests.harness.gunicorn import GUNICORN, ROOT, free_port
+from tests.harness.gunicorn import refusal, run_gunicorn
 from tests.harness.load import expected_answer, make_batches, run_load, summarize
 from tests.harness.nats import NatsServer, delete_stream, put_stream, read_stream, running_server, stream_info
 
@@ -390,16 +388,7 @@ def test_an_event_larger_than_the_server_takes_is_a_503_before_anything_is_sent(
 )
 def test_bad_nats_setting_stops_gunicorn_with_one_line(variable, value, named):
     """A bad SINKS or NATS_* setting is one line on stderr naming it, and a non-zero exit, before any worker."""
-    environment = {**os.environ, "WEB_CONCURRENCY": "2", "PORT": str(free_port()), "ANALYTICS_SINKS": "nats"}
-    environment[variable] = value
-    result = subprocess.run(
-        [str(GUNICORN), "wsgi:app"], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode != 0
-    refusals = [line for line in result.stderr.splitlines() if line.startswith("analytics: cannot start:")]
-    assert len(refusals) == 1, result.stderr
-    assert named in refusals[0]
-    assert "Traceback" not in result.stderr
+    assert named in refusal(run_gunicorn({"ANALYTICS_SINKS": "nats", variable: value}))
 
 
 def test_sigterm_under_load_loses_nothing_acknowledged(start_server, nats_server):
