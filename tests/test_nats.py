@@ -272,6 +272,12 @@ def test_engine_down_mid_run_recovers_and_loses_nothing(start_server, nats_serve
     assert set(acknowledged.values()) == {1}
 
 
+def all_stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is stopped (state T in /proc)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return all((task / "stat").read_text().rpartition(")")[2].split()[0] == "T" for task in tasks.iterdir())
+
+
 def test_acknowledgements_missing_past_the_ack_timeout_are_a_503_then_the_retry_is_taken(start_server, nats_server):
     """A server that takes the messages but answers nothing (stopped, its connection still open) makes the batch a
     503 once NATS_ACK_TIMEOUT has passed, the reason naming the acknowledgements missing; once it runs again its
@@ -283,6 +289,9 @@ def test_acknowledgements_missing_past_the_ack_timeout_are_a_503_then_the_retry_
     assert nats_server.process
     nats_server.process.send_signal(signal.SIGSTOP)
     try:
+        # Each thread stops as it next runs, and one busy in a disk write (the store's) only once that is done: on a
+        # busy machine the server could still answer the batch. Only with every thread stopped can it answer nothing.
+        wait_for(lambda: all_stopped(nats_server.process.pid), 10, "every thread of nats-server stopped")
         status, headers, body = post(server, events)
     finally:
         nats_server.process.send_signal(signal.SIGCONT)
