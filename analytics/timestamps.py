@@ -18,6 +18,11 @@ NAIVE_EPOCH = datetime(1970, 1, 1)
 MILLISECONDS_FROM = 10**11
 
 
+def naive_utc(moment: datetime) -> datetime:
+    """The aware ``moment`` as a naive datetime in UTC; OverflowError past datetime's range."""
+    return NAIVE_EPOCH + (moment - UTC_EPOCH)
+
+
 def parse_timestamp(value: object) -> datetime:
     """Return ``value`` as a naive datetime in UTC, or raise ValueError.
 
@@ -27,13 +32,13 @@ def parse_timestamp(value: object) -> datetime:
     try:
         if isinstance(value, str):
             parsed = datetime.fromisoformat(value)
-            return parsed if parsed.tzinfo is None else NAIVE_EPOCH + (parsed - UTC_EPOCH)
+            return parsed if parsed.tzinfo is None else naive_utc(parsed)
         # bool is an int subclass, and True is no timestamp.
         if isinstance(value, int | float) and not isinstance(value, bool):
             if not math.isfinite(value):
                 raise ValueError("not a finite number")
             seconds = value / 1000 if abs(value) >= MILLISECONDS_FROM else value
-            return NAIVE_EPOCH + (datetime.fromtimestamp(seconds, UTC) - UTC_EPOCH)
+            return naive_utc(datetime.fromtimestamp(seconds, UTC))
     except (OverflowError, OSError) as error:
         # Out of datetime's range (years 1 to 9999).
         raise ValueError(str(error)) from error
@@ -42,4 +47,4 @@ def parse_timestamp(value: object) -> datetime:
 
 def utc_now() -> datetime:
     """The time now, as a naive datetime in UTC."""
-    return NAIVE_EPOCH + (datetime.now(UTC) - UTC_EPOCH)
+    return naive_utc(datetime.now(UTC))
