@@ -160,7 +160,8 @@ class Ingestor:
         """Split the batch into loaded valid events, redacted, and the rejections of the others; and say which
         accepted events the tracking plan flags (each also carries its ``plan_violations`` to its line).
 
-        A batch too long is a 413, and one with nothing valid but something invalid a 400.
+        A batch too long is a 413, and one with nothing valid but something invalid a 400. A batch checked at
+        once is loaded in place (its dicts get their parsed timestamps), so a list is checked once only.
         """
         if len(events) > self.max_events:
             raise ApiError(413, messages.TOO_MANY_EVENTS, limit_events=self.max_events)

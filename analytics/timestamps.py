@@ -6,7 +6,7 @@ one takes: a line holds two per event (lines.TIME_OPTIONS).
 """
 
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 # An aware time made naive by arithmetic, exact to the microsecond: datetime.replace(tzinfo=None) costs a
 # microsecond in CPython 3.11, five times as much.
@@ -37,9 +37,12 @@ def parse_timestamp(value: object) -> datetime:
         if isinstance(value, int | float) and not isinstance(value, bool):
             if not math.isfinite(value):
                 raise ValueError("not a finite number")
-            seconds = value / 1000 if abs(value) >= MILLISECONDS_FROM else value
-            return naive_utc(datetime.fromtimestamp(seconds, UTC))
-    except (OverflowError, OSError) as error:
+            # timedelta rounds the exact value to the microsecond; value / 1000 as a float would not keep every
+            # digit (a millisecond time in the year 2300 came out a microsecond early).
+            if abs(value) >= MILLISECONDS_FROM:
+                return NAIVE_EPOCH + timedelta(milliseconds=value)
+            return NAIVE_EPOCH + timedelta(seconds=value)
+    except OverflowError as error:
         # Out of datetime's range (years 1 to 9999).
         raise ValueError(str(error)) from error
     raise ValueError(f"not a timestamp: {type(value).__name__}")

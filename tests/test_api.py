@@ -271,6 +271,10 @@ def test_every_line_starts_with_kind_then_type(client, capfd, type_first):
         (1716215520000, "2024-05-20T14:32:00Z"),
         (99999999999, "5138-11-16T09:46:39Z"),
         (100000000000, "1973-03-03T09:46:40Z"),
+        # Every digit kept: through a float in seconds these came out a microsecond or more early.
+        (10413792000123, "2300-01-01T00:00:00.123000Z"),
+        (253402300799999, "9999-12-31T23:59:59.999000Z"),
+        (-100000000001, "1966-10-31T14:13:19.999000Z"),
         (0, "1970-01-01T00:00:00Z"),
     ],
 )
