@@ -78,7 +78,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--duration", type=int, default=15, help="seconds measured per run (default 15)")
     parser.add_argument("--warmup", type=int, default=5, help="seconds of load before each run (default 5; 0: none)")
     parser.add_argument("--batches", default="1,10,100", help="events per request, comma-separated (default 1,10,100)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of everything; the table has medians")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of everything; the table has medians (default 1)")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1)")
     parser.add_argument(

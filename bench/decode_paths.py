@@ -89,7 +89,7 @@ def main() -> None:
     """Print each batch size's CPU per event on both paths, then where they disagree."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,10,100", help="events per request, comma-separated")
-    parser.add_argument("--rounds", type=int, default=9, help="rounds of each path per batch size (the least counts)")
+    parser.add_argument("--rounds", type=int, default=9, help="rounds per path and batch size (default 9)")
     args = parser.parse_args()
     import app as service_module
 

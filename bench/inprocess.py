@@ -93,7 +93,7 @@ def main() -> None:
     """Print each batch size's CPU per request, floor and service, and their ratio."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,10,100", help="events per request, comma-separated")
-    parser.add_argument("--rounds", type=int, default=11, help="rounds of each app per batch size (the least counts)")
+    parser.add_argument("--rounds", type=int, default=11, help="rounds per app and batch size (default 11)")
     parser.add_argument("--code", type=Path, help="run the service from this tree")
     args = parser.parse_args()
     # Both apps write their event lines to descriptor 1: /dev/null for the run, the table to the real stdout.
