@@ -27,6 +27,11 @@ log = structlog.get_logger()
 # Seconds a client is asked to wait before retrying a batch the event store could not take; as nginx's own 503.
 RETRY_AFTER = 5
 
+# Unknown fields of one event that its entry in `rejected` names, at most (the first sent). marshmallow explains
+# every field it is handed, a few µs each: 1000 events of 120 unknown fields cost eleven valid batches and
+# answered 3 MB; an event with one unknown field is as invalid as one with a hundred.
+MAX_UNKNOWN_NAMED = 10
+
 BATCH_SCHEMA = BatchSchema()
 FAST_LOAD_BATCH = compile_loader(BATCH_SCHEMA)
 
@@ -119,6 +124,7 @@ class Ingestor:
         self.schema = EventSchema(max_bytes=config["MAX_EVENT_BYTES"])
         self.fast_load = compile_loader(self.schema, hooks={"within_size": self.schema.fits})
         self.fast_load_all = compile_batch_loader(self.schema, hooks={"within_size": self.schema.all_fit})
+        self.known_fields = frozenset(self.schema.load_fields)
         self.redactor = redactor_from_settings(config)
         self.event_log = event_log
         self._lines = event_logger(event_log)
@@ -198,13 +204,32 @@ class Ingestor:
             loaded = self.fast_load(raw)
             if loaded is None:
                 try:
-                    loaded = self.schema.load(raw)
+                    loaded = self.schema.load(self._few_unknown(raw))
                 except ValidationError as error:
                     error.__traceback__ = None  # the cycle, as in load_batch
                     rejected.append(_rejection(index, raw, error.messages))
                     continue
             accepted.append((index, raw, loaded))
         return accepted
+
+    def _few_unknown(self, raw: Any) -> Any:
+        """``raw``, or, for an event with more than MAX_UNKNOWN_NAMED unknown fields, a copy without the unknown
+        fields after the first MAX_UNKNOWN_NAMED sent: invalid all the same, and explained by those."""
+        if (
+            type(raw) is not dict
+            or len(raw) <= MAX_UNKNOWN_NAMED
+            or len(raw.keys() - self.known_fields) <= MAX_UNKNOWN_NAMED
+        ):
+            return raw
+        named = 0
+        few = {}
+        for key, value in raw.items():
+            if key not in self.known_fields:
+                if named == MAX_UNKNOWN_NAMED:
+                    continue
+                named += 1
+            few[key] = value
+        return few
 
     def _within_plan(
         self, accepted: list[tuple[int, Any, dict[str, Any]]], rejected: list[dict[str, Any]]

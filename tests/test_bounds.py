@@ -119,6 +119,8 @@ WORST_BODIES = {
     + b"]}",
     "invalid_events": per_event(b'{"type":1,"payload":{"x":[' + b",".join([b"[0]"] * 250) + b"]}}"),
     "unknown_fields": per_event(b'{"type":"a","zz":[' + b",".join([b"[0]"] * 250) + b"]}"),
+    # marshmallow explains every field it is handed: 11 valid batches, before only ten were.
+    "many_unknown_fields": per_event(b'{"type":"a",' + b",".join(b'"k%d":0' % i for i in range(120)) + b"}"),
     "escapes": fill(b'{"events":[{"type":"a"}],"x":[', b'"\\u0085\\u0000"', b"]}"),
 }
 
@@ -154,3 +156,21 @@ def test_redaction_does_not_lengthen_a_line_past_the_limit(capfd):
     (line,) = written_lines(capfd)
     assert len(line) <= 9000 + CONTEXT_ALLOWANCE
     assert set(orjson.loads(line)["payload"]["a"][0].values()) == {"[REDACTED]"}
+
+
+def test_an_invalid_event_names_ten_of_its_unknown_fields():
+    """An event with more than ten unknown fields is explained by the first ten sent, so the answer stays smaller
+    than the body; one with ten names them all."""
+    client = create_app({"TESTING": True}).test_client()
+    body = WORST_BODIES["many_unknown_fields"]
+    response = send(client, body)
+    assert response.status_code == 400
+    rejected = response.json["rejected"]
+    assert len(rejected) == body.count(b'"type"')
+    assert all(entry["errors"] == {f"k{i}": ["Unknown field."] for i in range(10)} for entry in rejected)
+    assert len(response.data) < len(body)
+    event = {"type": "a", **{f"u{i}": i for i in range(10)}, "id": 7}
+    response = send(client, orjson.dumps({"events": [event]}))
+    assert response.json["rejected"] == [
+        {"index": 0, "errors": {"id": ["Not a valid string."], **{f"u{i}": ["Unknown field."] for i in range(10)}}}
+    ]
