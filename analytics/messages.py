@@ -17,6 +17,7 @@ METHOD_NOT_ALLOWED = http_error_message(MethodNotAllowed().name)
 REQUEST_TIMEOUT = "Request timeout"
 PAYLOAD_TOO_LARGE = "Payload too large"
 TOO_MANY_EVENTS = "Too many events"
+TOO_MANY_CONTAINERS = "Too many objects and arrays"
 UNSUPPORTED_ENCODING = "Unsupported Content-Encoding"
 TOO_MANY_REQUESTS = http_error_message(TooManyRequests().name)
 LOG_WRITE_FAILED = "Failed to process events"

@@ -291,6 +291,13 @@ ERROR_BODIES = (
         extra={"limit_events": NON_NEGATIVE},
     ),
     ErrorBody(
+        "TooManyContainers",
+        413,
+        (messages.TOO_MANY_CONTAINERS,),
+        "The body would take too much memory to parse: objects and arrays at 64 bytes each and keys at 120 more "
+        "make over 24 MiB (counted from its brackets and colons, strings' included).",
+    ),
+    ErrorBody(
         "UnsupportedEncoding",
         415,
         (messages.UNSUPPORTED_ENCODING,),
@@ -483,6 +490,7 @@ def _ingest_operations(config: Mapping[str, Any]) -> dict[str, Any]:
                     "RequestTimeout",
                     "PayloadTooLarge",
                     "TooManyEvents",
+                    "TooManyContainers",
                     "UnsupportedEncoding",
                     # Only with a limit: without one the service never answers 429.
                     *(["TooManyRequests"] if config["RATE_LIMIT"] else []),

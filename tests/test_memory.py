@@ -80,6 +80,14 @@ def nested_arrays(number: int) -> Request:
     return "nested arrays", gzip.compress(body), GZIP, 400
 
 
+def nested_objects(number: int) -> Request:
+    """1 MiB of one-key objects nested fifty deep beside the events, the most memory a body can make (38 MiB of
+    dicts, a peak past 90 MiB): refused before it is parsed."""
+    nest = b'{"":' * 50 + b"%d" % number + b"}" * 50
+    body = b'{"events":[],"x":[' + b",".join([nest] * (MAX_BODY // (len(nest) + 1) - 1)) + b"]}"
+    return "nested objects", gzip.compress(body), GZIP, 413
+
+
 def deep_payload(number: int) -> Request:
     """An event nested as deep as a line can be, and one nested as deep as parsing allows (rejected)."""
     deep: Any = number
@@ -111,6 +119,7 @@ SHAPES = {
     bad_timestamp: 20,
     echoed_keys: 20,
     nested_arrays: 10,
+    nested_objects: 10,
     deep_payload: 30,
     forwarded_hops: 100,
     gzip_bomb: 10,

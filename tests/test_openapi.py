@@ -417,6 +417,15 @@ REQUESTS: list[tuple[str, str, str, dict[str, Any], int, Any]] = [
         {"error": messages.TOO_MANY_EVENTS, "limit_events": 1000},
     ),
     (
+        "too-many-containers",
+        "/api/analytics",
+        "POST",
+        # Counted from above: colons in strings count as keys.
+        post(b'{"events":[],"x":"' + b":" * 220_000 + b'"}'),
+        413,
+        {"error": messages.TOO_MANY_CONTAINERS},
+    ),
+    (
         "brotli",
         "/api/analytics",
         "POST",
