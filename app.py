@@ -35,6 +35,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     configure_logging()
     return_large_buffers()
     app = Flask(__name__)
+    # A path with a doubled slash is an unknown path (a JSON 404), not werkzeug's HTML redirect to the merged one.
+    app.url_map.merge_slashes = False
     app.json = OrjsonProvider(app)
     load_config(app, config)
     # Refused at start, not answered with a 500 on every batch while /healthz says ok. Checked before anything

@@ -36,6 +36,10 @@ IPV4_KEPT_BITS = 24
 IPV6_KEPT_BITS = 48
 IPV4_MASK = ((1 << IPV4_KEPT_BITS) - 1) << (32 - IPV4_KEPT_BITS)
 IPV6_MASK = ((1 << IPV6_KEPT_BITS) - 1) << (128 - IPV6_KEPT_BITS)
+# A 6to4 address (2002::/16) holds its site's IPv4 address in bits 16 to 48, which a /48 would keep whole:
+# it keeps 16 + 24 bits instead, that address cut as an IPv4 address is.
+SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
+SIX_TO_FOUR_MASK = ((1 << (16 + IPV4_KEPT_BITS)) - 1) << (128 - 16 - IPV4_KEPT_BITS)
 
 # Bytes the visitor ids' cache may hold (with VISITOR_ID_SECRET): about 3,000 visitors with headers of real length
 # (350 bytes each with the entry). A visitor's next request on the same day then costs a dict lookup, not an HMAC.
@@ -93,7 +97,7 @@ def anonymize(address: str) -> str:
     ip = ipaddress.ip_address(address)
     if ip.version == 4:
         return str(ipaddress.IPv4Address(int(ip) & IPV4_MASK))
-    return str(ipaddress.IPv6Address(int(ip) & IPV6_MASK))
+    return str(ipaddress.IPv6Address(int(ip) & (SIX_TO_FOUR_MASK if ip in SIX_TO_FOUR else IPV6_MASK)))
 
 
 def visitor_hasher(secret: str, cache_bytes: int = VISITOR_CACHE_BYTES) -> Callable[[datetime, Sender], str]:

@@ -173,10 +173,15 @@ HOSTILE_USER_AGENTS = [
         ("::1", "::"),
         ("fe80::1", "fe80::"),
         ("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255", "ffff:ffff:ffff::"),
+        # 6to4: 203.0.113.7 inside, cut to 203.0.113.0 as that address would be.
+        ("2002:cb00:7107::1", "2002:cb00:7100::"),
+        ("2002:cb00:71ff:ffff::1", "2002:cb00:7100::"),
+        ("2003:cb00:7107::1", "2003:cb00:7107::"),
     ],
 )
 def test_anonymize(address, anonymized):
-    """IPv4 addresses lose their last octet, IPv6 addresses everything after their first 48 bits."""
+    """IPv4 addresses lose their last octet, IPv6 addresses everything after their first 48 bits (a 6to4 address
+    after 40: its IPv4 address loses its last octet)."""
     assert anonymize(address) == anonymized
 
 

@@ -400,6 +400,7 @@ REQUESTS: list[tuple[str, str, str, dict[str, Any], int, Any]] = [
     ("post-script", "/analytics.js", "POST", post(ONE), 405, {"error": messages.METHOD_NOT_ALLOWED}),
     ("unknown-path", "/api/nothing", "GET", {}, 404, {"error": messages.NOT_FOUND}),
     ("unknown-page", "/demo/", "GET", {}, 404, {"error": messages.NOT_FOUND}),
+    ("doubled-slash", "/api//analytics", "POST", post(ONE), 404, {"error": messages.NOT_FOUND}),
     (
         "body-too-large",
         "/api/analytics",
