@@ -3,6 +3,7 @@
 import codecs
 import socket
 import struct
+import time
 import zlib
 from functools import lru_cache
 from typing import IO, Any
@@ -16,8 +17,11 @@ from analytics.errors import ApiError
 
 CHUNK_BYTES = 64 * 1024
 # After a 413 this much more of the body is read and thrown away, so that the
-# client, still sending, reads our answer instead of a reset connection.
+# client, still sending, reads our answer instead of a reset connection; for at
+# most this many seconds, so that a slow one gets the 413 well before gunicorn's
+# worker timeout (30 s) would end the worker and answer its own HTML 500.
 DRAIN_BYTES = 16 * 1024 * 1024
+DRAIN_SECONDS = 5.0
 # Content-Encoding values, as lower-cased; "x-gzip" is gzip's old name (RFC 9110).
 GZIP = ("gzip", "x-gzip")
 IDENTITY = ("identity", "")
@@ -46,10 +50,11 @@ def too_large(limit: int) -> ApiError:
 
 
 def _drain(stream: IO[bytes]) -> None:
-    """Read and discard what is left of the body, up to DRAIN_BYTES."""
+    """Read and discard what is left of the body, up to DRAIN_BYTES or for DRAIN_SECONDS."""
     left = DRAIN_BYTES
+    deadline = time.monotonic() + DRAIN_SECONDS
     try:
-        while left > 0 and (chunk := stream.read(min(CHUNK_BYTES, left))):
+        while left > 0 and time.monotonic() < deadline and (chunk := stream.read(min(CHUNK_BYTES, left))):
             left -= len(chunk)
     except (OSError, ParseException):
         pass  # the rest of a body already refused is broken too: the 413 stands

@@ -2,6 +2,8 @@
 
 import gzip
 import http.client
+import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -183,3 +185,35 @@ def test_body_size_through_gunicorn(gunicorn, chunked):
     answers = [post_over_http(gunicorn, body_of_size(WIRE_LIMIT + delta), chunked) for delta in (-1, 0, 1)]
     assert answers == [ACCEPTED_ONE, ACCEPTED_ONE, too_large(WIRE_LIMIT)]
     assert [line["type"] for line in gunicorn.lines_since(start)] == ["edge", "edge"]
+
+
+def test_a_slow_body_over_the_limit_gets_its_413_before_the_worker_timeout(gunicorn):
+    """A body declared over the limit and sent slowly but steadily: the service reads and drops it for DRAIN_SECONDS
+    only, then answers its JSON 413; draining it whole would last past gunicorn's 30 s worker timeout, which ends
+    the worker and answers gunicorn's HTML 500."""
+    with socket.create_connection(("127.0.0.1", gunicorn.port), timeout=25) as sock:
+        declared = 8 * 1024 * 1024
+        sock.sendall(
+            b"POST /api/analytics HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % declared
+        )
+        done = threading.Event()
+
+        def trickle() -> None:
+            # 20 KB a second, 400 s for the whole body: never a pause of BODY_READ_TIMEOUT.
+            while not done.wait(0.5):
+                try:
+                    sock.sendall(b" " * 10_000)
+                except OSError:
+                    return
+
+        sender = threading.Thread(target=trickle, daemon=True)
+        sender.start()
+        response = http.client.HTTPResponse(sock)
+        try:
+            response.begin()
+            answer = (response.status, strict_json(response.read()))
+        finally:
+            done.set()
+            sender.join(timeout=5)
+    assert answer == too_large(WIRE_LIMIT)
