@@ -26,10 +26,11 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import structlog
-from flask import Flask, Response, current_app, g
+from flask import Flask, Response, current_app, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prometheus_multiprocess
 from prometheus_client import values as prometheus_values
+from werkzeug.exceptions import MethodNotAllowed
 
 from analytics import messages
 from analytics.errors import ApiError
@@ -44,6 +45,9 @@ TOO_LARGE = "too_large"
 DROP_REASONS = (INVALID, TOO_LARGE, "bot", "excluded")
 # The path label of requests for a path that is not one of the service's routes.
 OTHER_PATH = "other"
+# The methods a scrape may use, and every method there is (what /metrics routes, so that it answers them all).
+SCRAPE_METHODS = ["GET", "HEAD"]
+EVERY_METHOD = [*SCRAPE_METHODS, "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"]
 # Seconds: a request takes about half a millisecond of CPU; a stuck one ends at gunicorn's 30 s timeout.
 REQUEST_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # Seconds: stdout takes a batch in tens of microseconds; a stream waits for its acknowledgements.
@@ -318,7 +322,9 @@ def register_metrics(app: Flask) -> None:
     allowed = allowed_networks(app.config["METRICS_ALLOW"])
     app.wsgi_app = counted(app.wsgi_app, metrics, app)  # type: ignore[method-assign]
 
-    @app.get("/metrics", endpoint="metrics")
+    # Every method routed here, none answered by Flask itself: to a client outside METRICS_ALLOW an OPTIONS or a
+    # PUT must be the 404 of an unknown path too, not an answer whose Allow header says the page exists.
+    @app.route("/metrics", endpoint="metrics", methods=EVERY_METHOD, provide_automatic_options=False)
     def serve_metrics() -> Response:
         """The metrics in Prometheus' text format, for METRICS_ALLOW; to anyone else the 404 of an unknown path."""
         client_ip = g.sender.client_ip
@@ -326,6 +332,8 @@ def register_metrics(app: Flask) -> None:
             # The refused client learns nothing; the operator whose scrape fails finds why here.
             log.info("metrics_refused", client_ip=client_ip, hint="not within METRICS_ALLOW")
             raise ApiError(404, messages.NOT_FOUND)
+        if request.method not in SCRAPE_METHODS:
+            raise MethodNotAllowed(valid_methods=SCRAPE_METHODS)
         return Response(metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
 
 

@@ -212,6 +212,22 @@ def test_metrics_only_for_metrics_allow(allow, peer, forwarded_for, served):
         assert [line["client_ip"] for line in refusals] == [client_ip]
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", "PUT", "POST", "DELETE", "PATCH"])
+def test_to_a_refused_client_metrics_is_an_unknown_path_whatever_the_method(method):
+    """Outside METRICS_ALLOW every method gets what an unknown path gets (no Allow header saying the page exists);
+    inside it, a method other than GET and HEAD is a 405 naming those."""
+    client = create_app({"TESTING": True}).test_client()
+    outside = {"REMOTE_ADDR": "192.0.2.2"}
+    refused = client.open("/metrics", method=method, environ_base=outside)
+    unknown = client.open("/no-such-page", method=method, environ_base=outside)
+    assert (refused.status_code, refused.headers.get("Allow"), refused.data) == (404, None, unknown.data)
+    allowed = client.open("/metrics", method=method)
+    if method in ("GET", "HEAD"):
+        assert allowed.status_code == 200
+    else:
+        assert (allowed.status_code, allowed.headers["Allow"]) == (405, "GET, HEAD")
+
+
 def test_metrics_off_builds_nothing():
     """METRICS=false: no /metrics, no hook, no wrapped WSGI app or sink; requests are served as ever."""
     app = create_app({"TESTING": True, "METRICS": False})
