@@ -271,11 +271,10 @@ def test_harness_runs_a_variant_with_its_settings(tmp_path: Path) -> None:
     assert "service (sync) answered" not in done.stderr
 
 
-def test_inprocess_bench_prints_a_row_per_batch_and_writes_no_line_on_its_stdout() -> None:
-    """bench/inprocess.py answers every request of both apps (it checks each answer) and prints only its table:
-    the event lines went to /dev/null."""
+def run_table(script: str) -> str:
+    """What ``script`` prints for batches of 1 and 10 in one round, checked to hold a row of two timings for each."""
     run = subprocess.run(
-        [sys.executable, "bench/inprocess.py", "--batches", "1,10", "--rounds", "1"],
+        [sys.executable, script, "--batches", "1,10", "--rounds", "1"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -285,23 +284,19 @@ def test_inprocess_bench_prints_a_row_per_batch_and_writes_no_line_on_its_stdout
     rows = [line.split(" | ") for line in run.stdout.splitlines() if line[:1].isdigit()]
     assert [row[0] for row in rows] == ["1", "10"]
     assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
-    assert len(run.stdout.splitlines()) == 3
+    return run.stdout
+
+
+def test_inprocess_bench_prints_a_row_per_batch_and_writes_no_line_on_its_stdout() -> None:
+    """bench/inprocess.py answers every request of both apps (it checks each answer) and prints only its table:
+    the event lines went to /dev/null."""
+    assert len(run_table("bench/inprocess.py").splitlines()) == 3
 
 
 def test_decode_paths_compares_like_with_like_and_names_where_the_parsers_disagree() -> None:
     """bench/decode_paths.py checks that both paths load the same events before timing them, and shows why the
     typed path is not a drop-in: msgspec writes doubles and reads large integers differently from orjson."""
-    run = subprocess.run(
-        [sys.executable, "bench/decode_paths.py", "--batches", "1,10", "--rounds", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    rows = [line.split(" | ") for line in run.stdout.splitlines() if line[:1].isdigit()]
-    assert [row[0] for row in rows] == ["1", "10"]
-    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
-    written = re.search(r"written differently: (\d+) of 100000", run.stdout)
-    assert written and int(written[1]) > 0, run.stdout
-    assert "numbers read as different values: 18446744073709551616, -9223372036854775809, 1234" in run.stdout
+    out = run_table("bench/decode_paths.py")
+    written = re.search(r"written differently: (\d+) of 100000", out)
+    assert written and int(written[1]) > 0, out
+    assert "numbers read as different values: 18446744073709551616, -9223372036854775809, 1234" in out
